@@ -1,0 +1,547 @@
+r"""LoRA-Pro optimizers: :class:`LoRAProAdamW` and :class:`LoRAProSGD`.
+
+Both are ordinary :class:`torch.optim.Optimizer` subclasses (param groups, LR schedulers, ``zero_grad``,
+``state_dict`` with tensors and numbers only). Give them a model — every PEFT LoRA layer's (A, B, s) becomes a
+LoRA-Pro pair, every other trainable parameter (biases, heads, ``modules_to_save``) gets plain AdamW / SGD — or
+param groups (see :func:`build_param_groups` for the explicit form).
+
+The math lives in :mod:`lorapro.functional` (batched fast path) and :mod:`lorapro.reference` (float64 spec);
+this module only keeps state and applies updates. Paper: Wang et al., "LoRA-Pro: Are Low-Rank Adapters Properly
+Optimized?", ICLR 2025, arXiv 2407.18242.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from . import functional as F
+from .pairing import LoRAPair, check_pair, lora_pairs
+
+__all__ = ["LoRAProAdamW", "LoRAProSGD", "build_param_groups", "MODES"]
+
+MODES = ("full", "efficient")
+
+ParamsT = Union[nn.Module, Iterable[torch.Tensor], Iterable[Dict[str, Any]]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Param groups: which tensors are LoRA pairs
+
+
+def _as_pair(item: Any, where: str) -> LoRAPair:
+    if isinstance(item, LoRAPair):
+        return item
+    if isinstance(item, dict):
+        return LoRAPair(name=str(item.get("name", where)), A=item["A"], B=item["B"], scaling=float(item["scaling"]))
+    if isinstance(item, (tuple, list)) and len(item) == 3:
+        A, B, s = item
+        return LoRAPair(name=where, A=A, B=B, scaling=float(s))
+    raise TypeError(
+        f"{where}: a LoRA pair must be a LoRAPair, a dict with keys A, B, scaling, or a tuple (A, B, scaling); "
+        f"got {type(item).__name__}."
+    )
+
+
+def _lora_group(pairs: Sequence[LoRAPair], options: Dict[str, Any]) -> Dict[str, Any]:
+    params: List[torch.Tensor] = []
+    for p in pairs:
+        params += [p.A, p.B]
+    return {
+        **options,
+        "params": params,
+        "lora": True,
+        "scalings": [float(p.scaling) for p in pairs],
+        "pair_names": [p.name for p in pairs],
+    }
+
+
+def build_param_groups(params: ParamsT, model: Optional[nn.Module] = None) -> List[Dict[str, Any]]:
+    """Turn what the user passed into param groups in which LoRA pairs are explicit.
+
+    Accepted forms:
+
+    - a model (``nn.Module``): its LoRA pairs (via :func:`lorapro.lora_pairs`) form one LoRA group, its other
+      trainable parameters one plain group;
+    - tensors or param groups plus ``model=``: the LoRA factors among them are paired by looking them up in
+      ``lora_pairs(model)`` (so ``transformers.Trainer``'s own weight-decay grouping keeps working); both halves of
+      a pair must be in the same group;
+    - param groups with a ``"lora_pairs"`` key (the explicit form, for hand-written LoRA modules):
+      ``[{"lora_pairs": [(A, B, scaling), ...], "lr": 1e-4}, {"params": head.parameters()}]``, where each
+      pair is a :class:`LoRAPair`, a tuple ``(A, B, scaling)`` or a dict with keys ``A``, ``B``, ``scaling``.
+
+    A LoRA group stores ``params = [A0, B0, A1, B1, ...]`` with ``scalings`` and ``pair_names``; it is built from
+    named pairs, never from the order of a flat list the user passed.
+    """
+    if isinstance(params, nn.Module):
+        if model is not None and model is not params:
+            raise ValueError("Pass the model either as the first argument or as model=, not two different models.")
+        model = params
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("The model has no trainable parameters. Did you forget peft.get_peft_model(...)?")
+    if isinstance(params, torch.Tensor):
+        raise TypeError("params must be an iterable of tensors or dicts, not a single tensor (wrap it in a list).")
+    raw = list(params)
+    if not raw:
+        raise ValueError("The optimizer got an empty parameter list.")
+    groups_in: List[Dict[str, Any]] = [dict(g) for g in raw] if isinstance(raw[0], dict) else [{"params": raw}]
+
+    by_factor: Dict[int, Tuple[LoRAPair, str]] = {}
+    if model is not None:
+        for pair in lora_pairs(model):
+            by_factor[id(pair.A)] = (pair, "A")
+            by_factor[id(pair.B)] = (pair, "B")
+
+    out: List[Dict[str, Any]] = []
+    n_pairs = 0
+    for gi, group in enumerate(groups_in):
+        explicit = group.pop("lora_pairs", None)
+        plain_in = group.pop("params", [])
+        plain_in = [plain_in] if isinstance(plain_in, torch.Tensor) else list(plain_in)
+        options = {k: v for k, v in group.items() if k not in ("lora", "scalings", "pair_names")}
+        pairs: List[LoRAPair] = []
+        if explicit is not None:
+            pairs = [_as_pair(item, f"param group {gi}, pair {j}") for j, item in enumerate(explicit)]
+        plain: List[torch.Tensor] = []
+        seen: Dict[int, LoRAPair] = {}
+        for p in plain_in:
+            hit = by_factor.get(id(p))
+            if hit is None:
+                plain.append(p)
+            else:
+                seen.setdefault(id(hit[0].A), hit[0])
+        ids_here = {id(p) for p in plain_in}
+        for pair in seen.values():
+            if id(pair.A) not in ids_here or id(pair.B) not in ids_here:
+                raise ValueError(
+                    f"{pair.name}: its A and B are in different param groups (or one is missing). LoRA-Pro updates "
+                    "A and B together, so put both in the same group."
+                )
+            pairs.append(pair)
+        if pairs:
+            out.append(_lora_group(pairs, options))
+            n_pairs += len(pairs)
+        if plain:
+            out.append({**options, "params": plain, "lora": False})
+    if n_pairs == 0:
+        hint = (
+            "pass a PEFT model (peft.get_peft_model) or param groups with 'lora_pairs'"
+            if model is None
+            else "the model has no trainable LoRA layers (lora_A / lora_B); check target_modules"
+        )
+        raise ValueError(f"No LoRA layers found: {hint}. For plain training use torch.optim.AdamW.")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared machinery
+
+
+def _check_range(name: str, value: float, low: float, high: Optional[float] = None, low_open: bool = False) -> None:
+    ok = (value > low if low_open else value >= low) and (high is None or value < high)
+    if not ok:
+        bound = f"> {low}" if low_open else f">= {low}"
+        if high is not None:
+            bound += f" and < {high}"
+        raise ValueError(f"Invalid {name}: {value} (must be {bound}).")
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the m × n work and default optimizer state: at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class _LoRAProBase(Optimizer):
+    """Param-group handling, gradient collection, batching by shape and checkpoint loading."""
+
+    def __init__(
+        self,
+        params: ParamsT,
+        defaults: Dict[str, Any],
+        *,
+        model: Optional[nn.Module],
+        compute_dtype: torch.dtype,
+        state_dtype: Optional[torch.dtype],
+    ) -> None:
+        if compute_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"Invalid compute_dtype {compute_dtype}: use torch.float64 (default) or torch.float32.")
+        if state_dtype is not None and not state_dtype.is_floating_point:
+            raise ValueError(f"Invalid state_dtype {state_dtype}: use a floating-point dtype such as torch.bfloat16.")
+        self.compute_dtype = compute_dtype
+        self.state_dtype = state_dtype
+        super().__init__(build_param_groups(params, model), defaults)
+
+    # -- Optimizer API -------------------------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        if "lora" not in param_group:
+            # a group added after construction (e.g. by a framework): split it like the constructor would
+            for g in build_param_groups([param_group]) if "lora_pairs" in param_group else [{**param_group, "lora": False}]:
+                super().add_param_group(g)
+            return
+        if param_group["lora"]:
+            params = list(param_group["params"])
+            if len(params) != 2 * len(param_group["scalings"]):
+                raise ValueError("A LoRA param group must hold [A0, B0, A1, B1, ...] and one scaling per pair.")
+            for j in range(len(param_group["scalings"])):
+                check_pair(params[2 * j], params[2 * j + 1], param_group["scalings"][j], param_group["pair_names"][j])
+        super().add_param_group(param_group)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> None:  # type: ignore[override]
+        """One optimizer step. Call ``loss.backward()`` first; closures are not supported."""
+        if closure is not None:
+            raise TypeError(
+                f"{type(self).__name__}.step() does not take a closure (LoRA-Pro is not a line-search method): "
+                "call loss.backward() and then optimizer.step()."
+            )
+        for group in self.param_groups:
+            if group["lora"]:
+                pairs = self._pairs_with_grad(group)
+                for bucket in self._buckets(pairs):
+                    self._step_lora_bucket(group, bucket)
+            else:
+                self._step_plain_group(group)
+        return None
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Like :meth:`torch.optim.Optimizer.load_state_dict`, but keeps each state tensor's dtype.
+
+        (torch casts state to the parameter's dtype; here the full-mode moments are m × n fp32 tensors that belong
+        to an r × n bf16 factor, and casting them would break resume == uninterrupted.)
+        """
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"This checkpoint has {len(saved_groups)} param groups, the optimizer {len(self.param_groups)}: "
+                "it was saved for a different model or LoRA configuration."
+            )
+        for i, (old, new) in enumerate(zip(saved_groups, self.param_groups)):
+            for key in ("lora", "mode"):
+                if old.get(key) != new.get(key):
+                    raise ValueError(
+                        f"Param group {i}: checkpoint has {key}={old.get(key)!r}, optimizer has {new.get(key)!r}. "
+                        f"Create the optimizer with the same {key} the checkpoint was saved with."
+                    )
+            if len(old["params"]) != len(new["params"]):
+                raise ValueError(f"Param group {i}: checkpoint has {len(old['params'])} tensors, model {len(new['params'])}.")
+        saved_state = state_dict["state"]
+        super().load_state_dict({"state": {}, "param_groups": saved_groups})
+        id_to_param = {
+            pid: p
+            for old, new in zip(saved_groups, self.param_groups)
+            for pid, p in zip(old["params"], new["params"])
+        }
+        for pid, st in saved_state.items():
+            p = id_to_param[pid]
+            self.state[p] = {
+                k: (v.detach().to(device=p.device if k != "step" else v.device).clone() if torch.is_tensor(v) else v)
+                for k, v in st.items()
+            }
+
+    # -- helpers for subclasses ----------------------------------------------------------------------------------
+
+    def _pairs_with_grad(self, group: Dict[str, Any]) -> List[Tuple[int, torch.Tensor, torch.Tensor, float]]:
+        """(index, A, B, s) for each pair with a gradient on A or B (a missing half counts as zero)."""
+        params = group["params"]
+        out = []
+        for j, s in enumerate(group["scalings"]):
+            A, B = params[2 * j], params[2 * j + 1]
+            if A.grad is None and B.grad is None:
+                continue
+            for t in (A, B):
+                if t.grad is not None and t.grad.is_sparse:
+                    raise TypeError(f"{group['pair_names'][j]}: LoRA-Pro does not support sparse gradients.")
+            out.append((j, A, B, float(s)))
+        return out
+
+    @staticmethod
+    def _buckets(pairs: List[Tuple[int, torch.Tensor, torch.Tensor, float]]) -> List[List[Tuple[int, torch.Tensor, torch.Tensor, float]]]:
+        """Group pairs that share (m, n, r, dtype, device) so their algebra runs in single batched calls."""
+        buckets: Dict[Any, list] = defaultdict(list)
+        for item in pairs:
+            _, A, B, _ = item
+            buckets[(B.shape[0], A.shape[1], A.shape[0], A.dtype, A.device)].append(item)
+        return list(buckets.values())
+
+    def _stack(self, bucket: list) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stacked factors, gradients (missing ones as zeros) and scalings of a bucket, in the compute dtype."""
+        cdt = self.compute_dtype
+        A = torch.stack([a for _, a, _, _ in bucket]).to(cdt)
+        B = torch.stack([b for _, _, b, _ in bucket]).to(cdt)
+        gA = torch.stack([a.grad if a.grad is not None else torch.zeros_like(a) for _, a, _, _ in bucket]).to(cdt)
+        gB = torch.stack([b.grad if b.grad is not None else torch.zeros_like(b) for _, _, b, _ in bucket]).to(cdt)
+        s = torch.tensor([sc for _, _, _, sc in bucket], dtype=cdt, device=A.device)
+        return A, B, gA, gB, s
+
+    @staticmethod
+    def _apply(bucket: list, A: torch.Tensor, B: torch.Tensor, dA: torch.Tensor, dB: torch.Tensor,
+               step_size: torch.Tensor, lr: float, weight_decay: float) -> None:
+        """θ ← θ·(1 − lr·wd) − step_size·d for both factors of every pair (computed in the compute dtype)."""
+        step_size = step_size.to(A.dtype).view(-1, 1, 1)
+        new_A = A * (1.0 - lr * weight_decay) - step_size * dA
+        new_B = B * (1.0 - lr * weight_decay) - step_size * dB
+        for i, (_, a, b, _) in enumerate(bucket):
+            a.copy_(new_A[i])
+            b.copy_(new_B[i])
+
+    def _state_dtype_for(self, p: torch.Tensor) -> torch.dtype:
+        return self.state_dtype or _work_dtype(p.dtype)
+
+    def _step_lora_bucket(self, group: Dict[str, Any], bucket: list) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _step_plain_group(self, group: Dict[str, Any]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _new_step(state: Dict[str, Any]) -> float:
+    if "step" not in state:
+        state["step"] = torch.tensor(0.0)
+    state["step"] += 1
+    return float(state["step"].item())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class LoRAProAdamW(_LoRAProBase):
+    r"""LoRA-Pro with AdamW (arXiv 2407.18242, Algorithm 1).
+
+    For every LoRA pair (A, B, s), with ``g̃ = P_B G + (I − P_B) G P_A`` the equivalent gradient
+    (:mod:`lorapro.functional`):
+
+    ``mode="full"`` — the paper's algorithm. Moments of g̃ in the full m × n shape::
+
+        m ← β1·m + (1 − β1)·g̃,     v ← β2·v + (1 − β2)·g̃²
+        D = (m / (1 − β1ᵗ)) / (√(v / (1 − β2ᵗ)) + ε)
+        (ĥ_A, ĥ_B) = adjusted_gradients(u_A = s·Bᵀ·D, u_B = s·D·Aᵀ)      # D projected back like a gradient
+        A ← A·(1 − lr·λ) − lr·ĥ_A,   B ← B·(1 − lr·λ) − lr·ĥ_B
+
+      Optimizer memory is that of full fine-tuning of the adapted weights (2·m·n per layer, ``state_dtype``).
+
+    ``mode="efficient"`` — the authors' earlier memory-light variant: ordinary AdamW on (ĝ_A, ĝ_B), moments of
+      factor size (plain LoRA's memory).
+
+    Parameters that are not LoRA factors get plain AdamW with the same hyperparameters.
+
+    Args:
+        params: a model (PEFT or any module with LoRA layers), or param groups (see :func:`build_param_groups`).
+        lr: learning rate.
+        betas: (β1, β2).
+        eps: ε added to √v̂.
+        weight_decay: decoupled weight decay λ (applied to A and B, as AdamW applies it to parameters).
+        mode: ``"full"`` or ``"efficient"``.
+        x_solution: ``"sylvester"`` (default), ``"zero"`` or ``"symmetric"`` — the free r × r matrix X.
+        delta: ridge δ added to the Gram matrices BᵀB and AAᵀ before inverting.
+        model: with ``params`` given as tensors/groups, the model whose LoRA layers say which tensors pair up.
+        compute_dtype: dtype of the factor-sized algebra (float64 default, float32 allowed).
+        state_dtype: dtype of the moments (default: float32, or the parameter dtype if wider);
+            ``torch.bfloat16`` halves full mode's memory.
+
+    Caveats: full mode's state is m × n per layer (about 52 GB in fp32 for Llama-2-7B with r = 8 on all
+    projections); use ``mode="efficient"`` where that does not fit. The step needs the current A, B, so call it
+    after gradients are final (after clipping / all-reduce).
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        mode: str = "full",
+        x_solution: str = "sylvester",
+        delta: float = 1e-8,
+        model: Optional[nn.Module] = None,
+        compute_dtype: torch.dtype = torch.float64,
+        state_dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        _check_range("learning rate", lr, 0.0)
+        _check_range("epsilon value", eps, 0.0)
+        _check_range("beta parameter at index 0", betas[0], 0.0, 1.0)
+        _check_range("beta parameter at index 1", betas[1], 0.0, 1.0)
+        _check_range("weight_decay value", weight_decay, 0.0)
+        _check_range("delta (ridge)", delta, 0.0, low_open=True)
+        if mode not in MODES:
+            raise ValueError(f"Invalid mode {mode!r}: choose one of {MODES}.")
+        if x_solution not in F.X_SOLUTIONS:
+            raise ValueError(f"Invalid x_solution {x_solution!r}: choose one of {F.X_SOLUTIONS}.")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, mode=mode,
+                        x_solution=x_solution, delta=delta)
+        super().__init__(params, defaults, model=model, compute_dtype=compute_dtype, state_dtype=state_dtype)
+
+    # -- LoRA pairs ----------------------------------------------------------------------------------------------
+
+    def _step_lora_bucket(self, group: Dict[str, Any], bucket: list) -> None:
+        A, B, gA, gB, s = self._stack(bucket)
+        grams = F.gram_inverses(A, B, group["delta"], self.compute_dtype)
+        if group["mode"] == "efficient":
+            self._efficient(group, bucket, grams, gA, gB, s)
+        else:
+            self._full(group, bucket, grams, gA, gB, s)
+
+    def _full(self, group: Dict[str, Any], bucket: list, grams: F.GramInverses, gA: torch.Tensor,
+              gB: torch.Tensor, s: torch.Tensor) -> None:
+        beta1, beta2 = group["betas"]
+        eps = group["eps"]
+        _, A0, B0, _ = bucket[0]
+        wdt = _work_dtype(A0.dtype)
+        left, right = F.equivalent_gradient_factors(grams, gA, gB, s)
+        left, right = left.to(wdt), right.to(wdt)
+        A_w, B_w = grams.A.to(wdt), grams.B.to(wdt)
+        m, n = B0.shape[0], A0.shape[1]
+        scratch = torch.empty(m, n, dtype=wdt, device=A0.device)  # the only m × n temporary, reused per layer
+        uA = torch.empty_like(A_w)
+        uB = torch.empty_like(B_w)
+        step_size = torch.empty(len(bucket), dtype=torch.float64)
+        for i, (_, a, _, _) in enumerate(bucket):
+            st = self.state[a]
+            if "exp_avg" not in st:
+                sdt = self._state_dtype_for(a)
+                st["exp_avg"] = torch.zeros(m, n, dtype=sdt, device=a.device)
+                st["exp_avg_sq"] = torch.zeros(m, n, dtype=sdt, device=a.device)
+            t = _new_step(st)
+            bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
+            exp_avg, exp_avg_sq = st["exp_avg"], st["exp_avg_sq"]
+            torch.matmul(left[i], right[i], out=scratch)  # g̃
+            g = scratch if exp_avg.dtype == wdt else scratch.to(exp_avg.dtype)
+            exp_avg.lerp_(g, 1.0 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+            # D·(1 − β1ᵗ) = m / (√v / √(1 − β2ᵗ) + ε), written into the scratch buffer
+            torch.sqrt(exp_avg_sq, out=scratch) if exp_avg_sq.dtype == wdt else scratch.copy_(exp_avg_sq).sqrt_()
+            scratch.div_(bc2**0.5).add_(eps)
+            torch.div(exp_avg, scratch, out=scratch)
+            torch.matmul(B_w[i].T, scratch, out=uA[i])
+            torch.matmul(scratch, A_w[i].T, out=uB[i])
+            step_size[i] = group["lr"] / bc1
+        cdt = self.compute_dtype
+        sc = s.view(-1, 1, 1)
+        hA, hB = F.adjusted_gradients(grams, sc * uA.to(cdt), sc * uB.to(cdt), s, group["x_solution"])
+        self._apply(bucket, grams.A, grams.B, hA, hB, step_size, group["lr"], group["weight_decay"])
+
+    def _efficient(self, group: Dict[str, Any], bucket: list, grams: F.GramInverses, gA: torch.Tensor,
+                   gB: torch.Tensor, s: torch.Tensor) -> None:
+        beta1, beta2 = group["betas"]
+        eps = group["eps"]
+        hA, hB = F.adjusted_gradients(grams, gA, gB, s, group["x_solution"])
+        dA, dB = torch.empty_like(hA), torch.empty_like(hB)
+        step_size = torch.empty(len(bucket), dtype=torch.float64)
+        for i, (_, a, b, _) in enumerate(bucket):
+            t = _new_step(self.state[a])
+            bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
+            for p, h, d in ((a, hA[i], dA[i]), (b, hB[i], dB[i])):
+                st = self.state[p]
+                if "exp_avg" not in st:
+                    sdt = self._state_dtype_for(p)
+                    st["exp_avg"] = torch.zeros(h.shape, dtype=sdt, device=p.device)
+                    st["exp_avg_sq"] = torch.zeros(h.shape, dtype=sdt, device=p.device)
+                g = h.to(st["exp_avg"].dtype)
+                st["exp_avg"].lerp_(g, 1.0 - beta1)
+                st["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+                denom = (st["exp_avg_sq"].to(d.dtype).sqrt() / bc2**0.5).add_(eps)
+                torch.div(st["exp_avg"].to(d.dtype), denom, out=d)
+            step_size[i] = group["lr"] / bc1
+        self._apply(bucket, grams.A, grams.B, dA, dB, step_size, group["lr"], group["weight_decay"])
+
+    # -- other trainable parameters: plain AdamW -----------------------------------------------------------------
+
+    def _step_plain_group(self, group: Dict[str, Any]) -> None:
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise TypeError("LoRAProAdamW does not support sparse gradients; use torch.optim.SparseAdam for them.")
+            st = self.state[p]
+            if "exp_avg" not in st:
+                sdt = self._state_dtype_for(p)
+                st["exp_avg"] = torch.zeros(p.shape, dtype=sdt, device=p.device)
+                st["exp_avg_sq"] = torch.zeros(p.shape, dtype=sdt, device=p.device)
+            t = _new_step(st)
+            bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
+            g = p.grad.to(st["exp_avg"].dtype)
+            st["exp_avg"].lerp_(g, 1.0 - beta1)
+            st["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+            wdt = _work_dtype(p.dtype)
+            denom = (st["exp_avg_sq"].to(wdt).sqrt() / bc2**0.5).add_(eps)
+            new = p.to(wdt) * (1.0 - lr * wd) - (lr / bc1) * (st["exp_avg"].to(wdt) / denom)
+            p.copy_(new)
+
+
+class LoRAProSGD(_LoRAProBase):
+    r"""LoRA-Pro with SGD: ``A ← A·(1 − lr·λ) − lr·d_A``, ``B ← B·(1 − lr·λ) − lr·d_B``.
+
+    ``d`` is the adjusted gradient ĝ (:func:`lorapro.functional.adjusted_gradients`) or, with ``momentum > 0``,
+    its momentum buffer with :class:`torch.optim.SGD` semantics (``buf ← μ·buf + (1 − dampening)·ĝ``, Nesterov
+    optional). Weight decay λ is decoupled. Non-LoRA parameters get the same SGD on their raw gradients.
+
+    Args: as :class:`LoRAProAdamW` where shared, plus ``momentum``, ``dampening``, ``nesterov``.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        x_solution: str = "sylvester",
+        delta: float = 1e-8,
+        model: Optional[nn.Module] = None,
+        compute_dtype: torch.dtype = torch.float64,
+        state_dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        _check_range("learning rate", lr, 0.0)
+        _check_range("momentum value", momentum, 0.0)
+        _check_range("weight_decay value", weight_decay, 0.0)
+        _check_range("delta (ridge)", delta, 0.0, low_open=True)
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening.")
+        if x_solution not in F.X_SOLUTIONS:
+            raise ValueError(f"Invalid x_solution {x_solution!r}: choose one of {F.X_SOLUTIONS}.")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, x_solution=x_solution, delta=delta, mode="sgd")
+        super().__init__(params, defaults, model=model, compute_dtype=compute_dtype, state_dtype=state_dtype)
+
+    def _momentum(self, group: Dict[str, Any], p: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        mu = group["momentum"]
+        if mu == 0:
+            return d
+        st = self.state[p]
+        if "momentum_buffer" not in st:
+            st["momentum_buffer"] = d.to(self._state_dtype_for(p)).clone()
+        else:
+            st["momentum_buffer"].mul_(mu).add_(d.to(st["momentum_buffer"].dtype), alpha=1.0 - group["dampening"])
+        buf = st["momentum_buffer"].to(d.dtype)
+        return d + mu * buf if group["nesterov"] else buf
+
+    def _step_lora_bucket(self, group: Dict[str, Any], bucket: list) -> None:
+        A, B, gA, gB, s = self._stack(bucket)
+        grams = F.gram_inverses(A, B, group["delta"], self.compute_dtype)
+        hA, hB = F.adjusted_gradients(grams, gA, gB, s, group["x_solution"])
+        dA = torch.stack([self._momentum(group, a, hA[i]) for i, (_, a, _, _) in enumerate(bucket)])
+        dB = torch.stack([self._momentum(group, b, hB[i]) for i, (_, _, b, _) in enumerate(bucket)])
+        lr = torch.full((len(bucket),), group["lr"], dtype=torch.float64)
+        self._apply(bucket, grams.A, grams.B, dA, dB, lr, group["lr"], group["weight_decay"])
+
+    def _step_plain_group(self, group: Dict[str, Any]) -> None:
+        lr, wd = group["lr"], group["weight_decay"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise TypeError("LoRAProSGD does not support sparse gradients.")
+            wdt = _work_dtype(p.dtype)
+            d = self._momentum(group, p, p.grad.to(wdt))
+            p.copy_(p.to(wdt) * (1.0 - lr * wd) - lr * d)

@@ -1,0 +1,169 @@
+r"""A plainly written float64 reference of LoRA-Pro — the specification the fast path is tested against.
+
+One layer at a time, explicit inverses, explicit m × m projector and a Kronecker-product Sylvester solve: slow
+and memory-hungry on purpose, so every line can be checked against the paper (arXiv 2407.18242, Sec. 2).
+
+Notation: ``W = W0 + s·B·A``, B (m × r), A (r × n), ``g_A = s·Bᵀ·G``, ``g_B = s·G·Aᵀ``. All Gram matrices are
+ridged: ``BᵀB + δI`` and ``AAᵀ + δI``.
+
+The optimizer steps below mirror :mod:`lorapro.optim` exactly (hyperparameters, bias correction, decoupled weight
+decay), on plain float64 tensors and a dict state.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def ridged_inverses(A: Tensor, B: Tensor, delta: float) -> Tuple[Tensor, Tensor]:
+    """(BᵀB + δI)⁻¹ and (AAᵀ + δI)⁻¹."""
+    r = A.shape[0]
+    eye = torch.eye(r, dtype=A.dtype)
+    return torch.linalg.inv(B.T @ B + delta * eye), torch.linalg.inv(A @ A.T + delta * eye)
+
+
+def solve_sylvester(P: Tensor, Q: Tensor, C: Tensor) -> Tensor:
+    """Solve P·X + X·Q = C by vectorisation: (I ⊗ P + Qᵀ ⊗ I) vec(X) = vec(C) (column-major vec)."""
+    r = P.shape[0]
+    eye = torch.eye(r, dtype=P.dtype)
+    K = torch.kron(eye, P) + torch.kron(Q.T.contiguous(), eye)
+    vec_c = C.T.reshape(-1)  # column-major
+    vec_x = torch.linalg.solve(K, vec_c)
+    return vec_x.reshape(r, r).T
+
+
+def x_matrix(A: Tensor, B: Tensor, g_A: Tensor, g_B: Tensor, s: float, delta: float, x_solution: str) -> Tensor:
+    """The r × r matrix X of the chosen solution."""
+    r = A.shape[0]
+    BtB_inv, AAt_inv = ridged_inverses(A, B, delta)
+    if x_solution == "zero":
+        return torch.zeros(r, r, dtype=A.dtype)
+    if x_solution == "sylvester":
+        # (BᵀB + δI) X + X (AAᵀ + δI) = −(1/s²)(BᵀB + δI)⁻¹ g_A Aᵀ
+        eye = torch.eye(r, dtype=A.dtype)
+        C = -(1.0 / s**2) * BtB_inv @ g_A @ A.T
+        return solve_sylvester(B.T @ B + delta * eye, A @ A.T + delta * eye, C)
+    if x_solution == "symmetric":
+        # minimise ‖B ĝ_A − ĝ_B A‖ over X. With the X = 0 parts: B ĝ_A − ĝ_B A = E + 2 B X A, E = B ĝ_A⁰ − ĝ_B⁰ A.
+        # Normal equations: 2 (BᵀB) X (AAᵀ) = −Bᵀ E Aᵀ.
+        gA0, gB0 = adjusted_gradients(A, B, g_A, g_B, s, delta, "zero")
+        E = B @ gA0 - gB0 @ A
+        return -0.5 * BtB_inv @ (B.T @ E @ A.T) @ AAt_inv
+    raise ValueError(x_solution)
+
+
+def adjusted_gradients(
+    A: Tensor, B: Tensor, g_A: Tensor, g_B: Tensor, s: float, delta: float, x_solution: str
+) -> Tuple[Tensor, Tensor]:
+    """ĝ_A = (1/s²)(BᵀB)⁻¹ g_A + X A,  ĝ_B = (1/s²)[I − B(BᵀB)⁻¹Bᵀ] g_B (AAᵀ)⁻¹ − B X."""
+    m = B.shape[0]
+    BtB_inv, AAt_inv = ridged_inverses(A, B, delta)
+    P_B = B @ BtB_inv @ B.T  # m × m, formed explicitly here (never in the fast path)
+    gA_hat = (1.0 / s**2) * BtB_inv @ g_A
+    gB_hat = (1.0 / s**2) * (torch.eye(m, dtype=A.dtype) - P_B) @ g_B @ AAt_inv
+    if x_solution != "zero":
+        X = x_matrix(A, B, g_A, g_B, s, delta, x_solution)
+        gA_hat = gA_hat + X @ A
+        gB_hat = gB_hat - B @ X
+    return gA_hat, gB_hat
+
+
+def equivalent_gradient(A: Tensor, B: Tensor, gA_hat: Tensor, gB_hat: Tensor, s: float) -> Tensor:
+    """g̃ = s (B ĝ_A + ĝ_B A): the full-weight change per unit learning rate that the factor step makes."""
+    return s * (B @ gA_hat + gB_hat @ A)
+
+
+def lora_equivalent_gradient(A: Tensor, B: Tensor, g_A: Tensor, g_B: Tensor, s: float) -> Tensor:
+    """Plain LoRA's equivalent gradient s (B g_A + g_B A) = s² (B Bᵀ G + G Aᵀ A)."""
+    return s * (B @ g_A + g_B @ A)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimizer steps (one pair; state is a plain dict). They mirror lorapro.optim.
+
+
+def sgd_step(
+    A: Tensor, B: Tensor, g_A: Tensor, g_B: Tensor, s: float, state: Dict[str, Tensor], *, lr: float,
+    momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
+    delta: float = 1e-8, x_solution: str = "sylvester",
+) -> Tuple[Tensor, Tensor]:
+    """LoRA-Pro SGD: d = ĝ (or its momentum, torch.optim.SGD semantics); θ ← θ(1 − lr·wd) − lr·d."""
+    hA, hB = adjusted_gradients(A, B, g_A, g_B, s, delta, x_solution)
+    if momentum:
+        if "buf_A" not in state:
+            state["buf_A"], state["buf_B"] = hA.clone(), hB.clone()
+        else:
+            state["buf_A"] = momentum * state["buf_A"] + (1 - dampening) * hA
+            state["buf_B"] = momentum * state["buf_B"] + (1 - dampening) * hB
+        if nesterov:
+            hA, hB = hA + momentum * state["buf_A"], hB + momentum * state["buf_B"]
+        else:
+            hA, hB = state["buf_A"], state["buf_B"]
+    new_A = A * (1 - lr * weight_decay) - lr * hA
+    new_B = B * (1 - lr * weight_decay) - lr * hB
+    return new_A, new_B
+
+
+def adamw_full_step(
+    A: Tensor, B: Tensor, g_A: Tensor, g_B: Tensor, s: float, state: Dict[str, Tensor], *, lr: float,
+    betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+    delta: float = 1e-8, x_solution: str = "sylvester",
+) -> Tuple[Tensor, Tensor]:
+    """The paper's LoRA-Pro AdamW (Algorithm 1), with standard bias correction.
+
+    m ← β1 m + (1−β1) g̃,  v ← β2 v + (1−β2) g̃²,  D = (m / (1−β1ᵗ)) / (√(v / (1−β2ᵗ)) + ε),
+    then D is projected like a gradient: u_A = s Bᵀ D, u_B = s D Aᵀ → (ĥ_A, ĥ_B), and
+    θ ← θ(1 − lr·wd) − lr·ĥ for θ ∈ {A, B}.
+    """
+    beta1, beta2 = betas
+    gA_hat, gB_hat = adjusted_gradients(A, B, g_A, g_B, s, delta, "zero")  # g̃ does not depend on X
+    g_tilde = equivalent_gradient(A, B, gA_hat, gB_hat, s)
+    t = state.get("step", 0) + 1
+    state["step"] = t
+    state["exp_avg"] = beta1 * state.get("exp_avg", torch.zeros_like(g_tilde)) + (1 - beta1) * g_tilde
+    state["exp_avg_sq"] = beta2 * state.get("exp_avg_sq", torch.zeros_like(g_tilde)) + (1 - beta2) * g_tilde**2
+    m_hat = state["exp_avg"] / (1 - beta1**t)
+    v_hat = state["exp_avg_sq"] / (1 - beta2**t)
+    D = m_hat / (v_hat.sqrt() + eps)
+    hA, hB = adjusted_gradients(A, B, s * B.T @ D, s * D @ A.T, s, delta, x_solution)
+    new_A = A * (1 - lr * weight_decay) - lr * hA
+    new_B = B * (1 - lr * weight_decay) - lr * hB
+    return new_A, new_B
+
+
+def adamw_efficient_step(
+    A: Tensor, B: Tensor, g_A: Tensor, g_B: Tensor, s: float, state: Dict[str, Tensor], *, lr: float,
+    betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+    delta: float = 1e-8, x_solution: str = "sylvester",
+) -> Tuple[Tensor, Tensor]:
+    """The authors' memory-light variant: ordinary AdamW on (ĝ_A, ĝ_B), with factor-sized moments."""
+    beta1, beta2 = betas
+    hA, hB = adjusted_gradients(A, B, g_A, g_B, s, delta, x_solution)
+    t = state.get("step", 0) + 1
+    state["step"] = t
+    out = []
+    for key, theta, g in (("A", A, hA), ("B", B, hB)):
+        m = beta1 * state.get(f"exp_avg_{key}", torch.zeros_like(g)) + (1 - beta1) * g
+        v = beta2 * state.get(f"exp_avg_sq_{key}", torch.zeros_like(g)) + (1 - beta2) * g**2
+        state[f"exp_avg_{key}"], state[f"exp_avg_sq_{key}"] = m, v
+        d = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + eps)
+        out.append(theta * (1 - lr * weight_decay) - lr * d)
+    return out[0], out[1]
+
+
+def adamw_plain_step(
+    p: Tensor, g: Tensor, state: Dict[str, Tensor], *, lr: float, betas: Tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8, weight_decay: float = 0.0,
+) -> Tensor:
+    """torch.optim.AdamW, for the non-LoRA parameters (biases, heads, modules_to_save)."""
+    beta1, beta2 = betas
+    t = state.get("step", 0) + 1
+    state["step"] = t
+    state["exp_avg"] = beta1 * state.get("exp_avg", torch.zeros_like(g)) + (1 - beta1) * g
+    state["exp_avg_sq"] = beta2 * state.get("exp_avg_sq", torch.zeros_like(g)) + (1 - beta2) * g**2
+    d = (state["exp_avg"] / (1 - beta1**t)) / ((state["exp_avg_sq"] / (1 - beta2**t)).sqrt() + eps)
+    return p * (1 - lr * weight_decay) - lr * d
