@@ -283,7 +283,7 @@ class _LoRAProBase(Optimizer):
     def _apply(bucket: list, A: torch.Tensor, B: torch.Tensor, dA: torch.Tensor, dB: torch.Tensor,
                step_size: torch.Tensor, lr: float, weight_decay: float) -> None:
         """θ ← θ·(1 − lr·wd) − step_size·d for both factors of every pair (computed in the compute dtype)."""
-        step_size = step_size.to(A.dtype).view(-1, 1, 1)
+        step_size = step_size.to(device=A.device, dtype=A.dtype).view(-1, 1, 1)  # built on the host
         new_A = A * (1.0 - lr * weight_decay) - step_size * dA
         new_B = B * (1.0 - lr * weight_decay) - step_size * dB
         for i, (_, a, b, _) in enumerate(bucket):
