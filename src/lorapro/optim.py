@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from . import distributed as _dist
 from . import functional as F
 from .pairing import LoRAPair, check_pair, lora_pairs
 
@@ -77,7 +78,10 @@ def build_param_groups(params: ParamsT, model: Optional[nn.Module] = None) -> Li
     A LoRA group stores ``params = [A0, B0, A1, B1, ...]`` with ``scalings`` and ``pair_names``; it is built from
     named pairs, never from the order of a flat list the user passed.
     """
+    if model is not None:
+        model = _dist.unwrap_model(model)  # DDP / DeepSpeed engine -> the model; FSDP is refused
     if isinstance(params, nn.Module):
+        params = _dist.unwrap_model(params)
         if model is not None and model is not params:
             raise ValueError("Pass the model either as the first argument or as model=, not two different models.")
         model = params
@@ -167,6 +171,7 @@ class _LoRAProBase(Optimizer):
         model: Optional[nn.Module],
         compute_dtype: torch.dtype,
         state_dtype: Optional[torch.dtype],
+        shard_state: bool = False,
     ) -> None:
         if compute_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"Invalid compute_dtype {compute_dtype}: use torch.float64 (default) or torch.float32.")
@@ -175,6 +180,9 @@ class _LoRAProBase(Optimizer):
         self.compute_dtype = compute_dtype
         self.state_dtype = state_dtype
         super().__init__(build_param_groups(params, model), defaults)
+        _dist.check_params_supported(self.param_groups)
+        # shard_state=True: each rank keeps the state of the LoRA pairs it owns (lorapro.distributed)
+        self._sharding = _dist.StateSharding(self) if shard_state else None
 
     # -- Optimizer API -------------------------------------------------------------------------------------------
 
@@ -200,14 +208,34 @@ class _LoRAProBase(Optimizer):
                 f"{type(self).__name__}.step() does not take a closure (LoRA-Pro is not a line-search method): "
                 "call loss.backward() and then optimizer.step()."
             )
+        if self._sharding is not None:
+            self._sharding.ensure_current(self)
         for group in self.param_groups:
             if group["lora"]:
+                _dist.check_lora_group_intact(group)  # e.g. DeepSpeed ZeRO replaced the factors by flat buffers
                 pairs = self._pairs_with_grad(group)
+                if self._sharding is not None:
+                    pairs = self._sharding.owned(pairs)
                 for bucket in self._buckets(pairs):
                     self._step_lora_bucket(group, bucket)
             else:
                 self._step_plain_group(group)
+        if self._sharding is not None:
+            self._sharding.synchronize()  # owners broadcast their updated factors
         return None
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The optimizer state; with ``shard_state=True`` the consolidated one (call
+        :meth:`consolidate_state_dict` on every rank first, then this on the rank it gathered to)."""
+        if self._sharding is not None:
+            return self._sharding.state_dict(self)
+        return super().state_dict()
+
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        """``shard_state=True``: gather every LoRA pair's state to rank ``to`` so that ``state_dict()`` there is
+        complete and world-size independent. A collective — every rank must call it. A no-op when not sharded."""
+        if self._sharding is not None:
+            self._sharding.consolidate(self, to)
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Like :meth:`torch.optim.Optimizer.load_state_dict`, but keeps each state tensor's dtype.
@@ -239,6 +267,8 @@ class _LoRAProBase(Optimizer):
         }
         for pid, st in saved_state.items():
             p = id_to_param[pid]
+            if self._sharding is not None and not self._sharding.keeps_state(p):
+                continue  # another rank owns this pair's state
             self.state[p] = {
                 k: (v.detach().to(device=p.device if k != "step" else v.device).clone() if torch.is_tensor(v) else v)
                 for k, v in st.items()
@@ -343,6 +373,9 @@ class LoRAProAdamW(_LoRAProBase):
         compute_dtype: dtype of the factor-sized algebra (float64 default, float32 allowed).
         state_dtype: dtype of the moments (default: float32, or the parameter dtype if wider);
             ``torch.bfloat16`` halves full mode's memory.
+        shard_state: inside an initialised ``torch.distributed`` process group, keep each LoRA pair's state only
+            on the rank that owns it (pairs balanced across ranks) and broadcast the updated factors after each
+            step; see :mod:`lorapro.distributed`, including the checkpoint protocol (``consolidate_state_dict``).
 
     Caveats: full mode's state is m × n per layer (about 52 GB in fp32 for Llama-2-7B with r = 8 on all
     projections); use ``mode="efficient"`` where that does not fit. The step needs the current A, B, so call it
@@ -363,6 +396,7 @@ class LoRAProAdamW(_LoRAProBase):
         model: Optional[nn.Module] = None,
         compute_dtype: torch.dtype = torch.float64,
         state_dtype: Optional[torch.dtype] = None,
+        shard_state: bool = False,
     ) -> None:
         _check_range("learning rate", lr, 0.0)
         _check_range("epsilon value", eps, 0.0)
@@ -376,7 +410,8 @@ class LoRAProAdamW(_LoRAProBase):
             raise ValueError(f"Invalid x_solution {x_solution!r}: choose one of {F.X_SOLUTIONS}.")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, mode=mode,
                         x_solution=x_solution, delta=delta)
-        super().__init__(params, defaults, model=model, compute_dtype=compute_dtype, state_dtype=state_dtype)
+        super().__init__(params, defaults, model=model, compute_dtype=compute_dtype, state_dtype=state_dtype,
+                         shard_state=shard_state)
 
     # -- LoRA pairs ----------------------------------------------------------------------------------------------
 
@@ -501,6 +536,7 @@ class LoRAProSGD(_LoRAProBase):
         model: Optional[nn.Module] = None,
         compute_dtype: torch.dtype = torch.float64,
         state_dtype: Optional[torch.dtype] = None,
+        shard_state: bool = False,
     ) -> None:
         _check_range("learning rate", lr, 0.0)
         _check_range("momentum value", momentum, 0.0)
@@ -512,7 +548,8 @@ class LoRAProSGD(_LoRAProBase):
             raise ValueError(f"Invalid x_solution {x_solution!r}: choose one of {F.X_SOLUTIONS}.")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, x_solution=x_solution, delta=delta, mode="sgd")
-        super().__init__(params, defaults, model=model, compute_dtype=compute_dtype, state_dtype=state_dtype)
+        super().__init__(params, defaults, model=model, compute_dtype=compute_dtype, state_dtype=state_dtype,
+                         shard_state=shard_state)
 
     def _momentum(self, group: Dict[str, Any], p: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         mu = group["momentum"]
