@@ -1,0 +1,173 @@
+"""GSM8K (Cobbe et al. 2021, arXiv 2110.14168): the paper's prompt, answer extraction and accuracy.
+
+Prompt: the Alpaca template without input, as in the LoRA-Pro / LoRA-GA training data (MetaMathQA):
+``Below is an instruction ... ### Instruction:\\n{question}\\n\\n### Response:``.
+
+Gold answer: the number after ``####`` on the last line of the GSM8K solution.
+
+Predicted answer (:func:`extract_answer`), first rule that matches wins:
+
+1. ``#### N`` (GSM8K's own convention);
+2. ``The answer is: N`` / ``The final answer is N`` / ``Answer: N`` (MetaMathQA ends every solution with
+   ``The answer is: N``), the last such phrase in the text;
+3. ``\\boxed{N}``;
+4. the last number in the text.
+
+Numbers may be negative (``-3``, ``−3``), decimal (``2.50``, ``.5``), have thousands separators (``1,234,567``),
+a currency sign or a unit (``$18``, ``18 dollars``, ``50%``). Both sides are compared as exact decimals, so
+``18`` = ``18.00`` = ``$18`` = ``18.`` and ``1,000`` = ``1000``; a hyphen between two numbers (``16-3``) is a
+minus operator, not a sign. Accuracy counts an example correct when the extracted number equals the gold number.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+
+__all__ = [
+    "PROMPT_TEMPLATE",
+    "DEFAULT_STOP",
+    "build_prompt",
+    "parse_number",
+    "extract_gold",
+    "extract_answer",
+    "is_correct",
+    "load_gsm8k",
+    "score_records",
+]
+
+PROMPT_TEMPLATE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{question}\n\n### Response:"
+)
+
+# A model trained on Alpaca-format data may start a new example after its answer; cut there.
+DEFAULT_STOP = ["\n### Instruction", "\n\nBelow is an instruction"]
+
+# One number: an optional sign (only when not glued to a word or digit, so "16-3" is 16 and 3), an optional
+# currency sign, then digits with optional thousands groups and decimals, or a bare ".5".
+_NUM = (
+    r"(?:(?<![\w.])[-\u2212\u2013])?(?:\$\s?)?(?<![\d.])"
+    r"(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?!\d)"
+)
+_NUM_RE = re.compile(_NUM)
+_HASH_RE = re.compile(r"####\s*(" + _NUM + r")")
+_ANSWER_IS_RE = re.compile(
+    r"(?:the\s+(?:final\s+)?answer\s+is|final\s+answer|answer)\s*[:\uff1a]?\s*(?:=\s*)?\**\s*(" + _NUM + r")",
+    re.IGNORECASE,
+)
+_BOXED_RE = re.compile(r"\\boxed\{\s*(" + _NUM + r")")
+
+
+def build_prompt(question: str, template: str = PROMPT_TEMPLATE) -> str:
+    return template.format(question=question)
+
+
+def parse_number(text: str) -> Optional[Decimal]:
+    """``"-1,234.50"`` -> ``Decimal("-1234.50")``; ``None`` if ``text`` is not one number."""
+    t = text.strip().replace("\u2212", "-").replace("\u2013", "-").replace("$", "").replace(",", "").replace(" ", "")
+    t = t.rstrip(".")
+    if not t or t in ("-", "."):
+        return None
+    try:
+        value = Decimal(t)
+    except InvalidOperation:
+        return None
+    return value if value.is_finite() else None
+
+
+def _last(regex: "re.Pattern[str]", text: str) -> Optional[Decimal]:
+    matches = list(regex.finditer(text))
+    for m in reversed(matches):
+        value = parse_number(m.group(1))
+        if value is not None:
+            return value
+    return None
+
+
+def extract_gold(solution: str) -> Decimal:
+    """The gold number of a GSM8K solution (text after ``####``)."""
+    if "####" not in solution:
+        raise ValueError(f"GSM8K gold solution has no '#### N' line: {solution[-80:]!r}")
+    tail = solution.rsplit("####", 1)[1].strip()
+    value = parse_number(tail.split()[0]) if tail else None
+    if value is None:
+        raise ValueError(f"GSM8K gold answer after '####' is not a number: {tail!r}")
+    return value
+
+
+def extract_answer(output: str) -> Optional[Decimal]:
+    """The model's final number (see the module doc for the rules), or ``None`` when there is no number."""
+    for regex in (_HASH_RE, _ANSWER_IS_RE, _BOXED_RE):
+        value = _last(regex, output)
+        if value is not None:
+            return value
+    for m in reversed(list(_NUM_RE.finditer(output))):
+        value = parse_number(m.group(0))
+        if value is not None:
+            return value
+    return None
+
+
+def is_correct(predicted: Optional[Decimal], gold: Decimal) -> bool:
+    return predicted is not None and predicted == gold
+
+
+def _fmt(value: Optional[Decimal]) -> Optional[str]:
+    if value is None:
+        return None
+    return format(value.normalize(), "f")
+
+
+def load_gsm8k(path: str, limit: Optional[int] = None) -> List[Dict[str, str]]:
+    """GSM8K records ``{"question", "answer"}`` from a JSONL file (the format of the official release)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"GSM8K file '{p}' does not exist. Set data.path to a GSM8K JSONL file with 'question' and 'answer' "
+            "fields (e.g. test.jsonl of the openai/grade-school-math repository)."
+        )
+    records: List[Dict[str, str]] = []
+    with open(p, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p}:{lineno} is not valid JSON ({e.msg}).") from None
+            if not isinstance(rec, dict) or "question" not in rec or "answer" not in rec:
+                raise ValueError(f"{p}:{lineno}: expected an object with 'question' and 'answer'.")
+            records.append(rec)
+            if limit is not None and len(records) >= limit:
+                break
+    return records
+
+
+def score_records(records: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
+    """Score ``{"output", "answer"}`` records (``answer`` = the GSM8K gold solution or just its number).
+
+    Returns ``{"accuracy", "n", "correct", "examples": [{output, extracted, gold, correct}, ...]}``.
+    """
+    examples = []
+    correct = 0
+    for i, rec in enumerate(records):
+        if not isinstance(rec, Mapping) or not isinstance(rec.get("output"), str) or "answer" not in rec:
+            raise ValueError(f"record {i}: expected an object with a string 'output' and an 'answer'.")
+        answer = str(rec["answer"])
+        gold = extract_gold(answer) if "####" in answer else parse_number(answer)
+        if gold is None:
+            raise ValueError(f"record {i}: 'answer' has neither '#### N' nor a single number: {answer[-80:]!r}")
+        pred = extract_answer(rec["output"])
+        ok = is_correct(pred, gold)
+        correct += ok
+        examples.append({"output": rec["output"], "extracted": _fmt(pred), "gold": _fmt(gold), "correct": ok})
+    n = len(examples)
+    return {"accuracy": correct / n if n else 0.0, "n": n, "correct": correct, "examples": examples}
+
+
+def iter_prompts(records: Iterable[Mapping[str, Any]], template: str = PROMPT_TEMPLATE) -> List[str]:
+    return [build_prompt(r["question"], template) for r in records]
