@@ -19,13 +19,14 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from . import factored as FF
 from . import distributed as _dist
 from . import functional as F
 from .pairing import LoRAPair, check_pair, lora_pairs
 
 __all__ = ["LoRAProAdamW", "LoRAProSGD", "build_param_groups", "MODES"]
 
-MODES = ("full", "efficient")
+MODES = ("full", "efficient", "factored")
 
 ParamsT = Union[nn.Module, Iterable[torch.Tensor], Iterable[Dict[str, Any]]]
 
@@ -358,6 +359,16 @@ class LoRAProAdamW(_LoRAProBase):
     ``mode="efficient"`` — the authors' earlier memory-light variant: ordinary AdamW on (ĝ_A, ĝ_B), moments of
       factor size (plain LoRA's memory).
 
+    ``mode="factored"`` — Adam on g̃ at LoRA's memory (:mod:`lorapro.factored`): an Adafactor second moment (EMAs
+      of the row and column sums of g̃², computed from g̃'s rank-2r factors), a rank-2r EMA of g̃ kept as two
+      factors, ε inside the square root (√(v̂ + ε²)) and Adafactor's update clipping::
+
+        V̂ = ρ̂ κ̂ᵀ / Σρ̂                               (row / column sums of v̂ + ε², never formed as m × n)
+        P·Q ← trunc_2r(β1·P·Q + (1 − β1)·g̃),     D = (P·Q / (1 − β1ᵗ)) ⊘ √V̂,     D ← D / max(1, RMS(D)/d)
+        (ĥ_A, ĥ_B) = adjusted_gradients(s·Bᵀ·D, s·D·Aᵀ),   then the update as in full mode
+
+      State (m + n)·(2r + 1) numbers per layer; no m × n tensor is formed in the step.
+
     Parameters that are not LoRA factors get plain AdamW with the same hyperparameters.
 
     Args:
@@ -366,7 +377,7 @@ class LoRAProAdamW(_LoRAProBase):
         betas: (β1, β2).
         eps: ε added to √v̂.
         weight_decay: decoupled weight decay λ (applied to A and B, as AdamW applies it to parameters).
-        mode: ``"full"`` or ``"efficient"``.
+        mode: ``"full"``, ``"efficient"`` or ``"factored"``.
         x_solution: ``"sylvester"`` (default), ``"zero"`` or ``"symmetric"`` — the free r × r matrix X.
         delta: ridge δ added to the Gram matrices BᵀB and AAᵀ before inverting.
         model: with ``params`` given as tensors/groups, the model whose LoRA layers say which tensors pair up.
@@ -376,6 +387,10 @@ class LoRAProAdamW(_LoRAProBase):
         shard_state: inside an initialised ``torch.distributed`` process group, keep each LoRA pair's state only
             on the rank that owns it (pairs balanced across ranks) and broadcast the updated factors after each
             step; see :mod:`lorapro.distributed`, including the checkpoint protocol (``consolidate_state_dict``).
+        clip_threshold: factored mode only — Adafactor's update clipping threshold d (the step direction D is
+            scaled down to RMS(D) ≤ d); ``None`` disables clipping.
+        first_moment: factored mode only — ``"lowrank"`` (default: rank-2r EMA of g̃, then preconditioning) or
+            ``"factor"`` (momentum of the projected factor steps, after preconditioning and clipping).
 
     Caveats: full mode's state is m × n per layer (about 52 GB in fp32 for Llama-2-7B with r = 8 on all
     projections); use ``mode="efficient"`` where that does not fit. The step needs the current A, B, so call it
@@ -397,6 +412,8 @@ class LoRAProAdamW(_LoRAProBase):
         compute_dtype: torch.dtype = torch.float64,
         state_dtype: Optional[torch.dtype] = None,
         shard_state: bool = False,
+        clip_threshold: Optional[float] = 1.0,
+        first_moment: str = "lowrank",
     ) -> None:
         _check_range("learning rate", lr, 0.0)
         _check_range("epsilon value", eps, 0.0)
@@ -408,8 +425,12 @@ class LoRAProAdamW(_LoRAProBase):
             raise ValueError(f"Invalid mode {mode!r}: choose one of {MODES}.")
         if x_solution not in F.X_SOLUTIONS:
             raise ValueError(f"Invalid x_solution {x_solution!r}: choose one of {F.X_SOLUTIONS}.")
+        if clip_threshold is not None:
+            _check_range("clip_threshold (use None to disable update clipping)", clip_threshold, 0.0, low_open=True)
+        if first_moment not in FF.FIRST_MOMENTS:
+            raise ValueError(f"Invalid first_moment {first_moment!r}: choose one of {FF.FIRST_MOMENTS}.")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, mode=mode,
-                        x_solution=x_solution, delta=delta)
+                        x_solution=x_solution, delta=delta, clip_threshold=clip_threshold, first_moment=first_moment)
         super().__init__(params, defaults, model=model, compute_dtype=compute_dtype, state_dtype=state_dtype,
                          shard_state=shard_state)
 
@@ -420,6 +441,8 @@ class LoRAProAdamW(_LoRAProBase):
         grams = F.gram_inverses(A, B, group["delta"], self.compute_dtype)
         if group["mode"] == "efficient":
             self._efficient(group, bucket, grams, gA, gB, s)
+        elif group["mode"] == "factored":
+            self._factored(group, bucket, grams, gA, gB, s)
         else:
             self._full(group, bucket, grams, gA, gB, s)
 
@@ -485,6 +508,75 @@ class LoRAProAdamW(_LoRAProBase):
                 torch.div(st["exp_avg"].to(d.dtype), denom, out=d)
             step_size[i] = group["lr"] / bc1
         self._apply(bucket, grams.A, grams.B, dA, dB, step_size, group["lr"], group["weight_decay"])
+
+    def _factored(self, group: Dict[str, Any], bucket: list, grams: F.GramInverses, gA: torch.Tensor,
+                  gB: torch.Tensor, s: torch.Tensor) -> None:
+        """mode="factored" (:mod:`lorapro.factored`): every tensor here is factor-sized, none is m × n.
+
+        State on each pair's A: ``exp_avg_sq_row`` (m), ``exp_avg_sq_col`` (n) and, for ``first_moment="lowrank"``,
+        ``exp_avg_left`` (m × 2r), ``exp_avg_right`` (2r × n); for ``"factor"``, ``exp_avg`` on A (r × n) and B (m × r).
+        """
+        beta1, beta2 = group["betas"]
+        first, clip = group["first_moment"], group["clip_threshold"]
+        _, A0, B0, _ = bucket[0]
+        m, r, n = B0.shape[0], A0.shape[0], A0.shape[1]
+        dev, cdt = A0.device, self.compute_dtype
+        left, right = F.equivalent_gradient_factors(grams, gA, gB, s)  # g̃ = left @ right
+        row, col = FF.square_sums(left, right)
+        bc1 = torch.empty(len(bucket), dtype=torch.float64)
+        bc2 = torch.empty(len(bucket), dtype=torch.float64)
+        sts = []
+        for i, (_, a, b, _) in enumerate(bucket):
+            st = self.state[a]
+            if "exp_avg_sq_row" not in st:
+                sdt = self._state_dtype_for(a)
+                st["exp_avg_sq_row"] = torch.zeros(m, dtype=sdt, device=dev)
+                st["exp_avg_sq_col"] = torch.zeros(n, dtype=sdt, device=dev)
+                if first == "lowrank":
+                    st["exp_avg_left"] = torch.zeros(m, 2 * r, dtype=sdt, device=dev)
+                    st["exp_avg_right"] = torch.zeros(2 * r, n, dtype=sdt, device=dev)
+                else:
+                    st["exp_avg"] = torch.zeros(r, n, dtype=sdt, device=dev)
+                    self.state[b]["exp_avg"] = torch.zeros(m, r, dtype=self._state_dtype_for(b), device=dev)
+            t = _new_step(st)
+            bc1[i], bc2[i] = 1.0 - beta1**t, 1.0 - beta2**t
+            st["exp_avg_sq_row"].mul_(beta2).add_(row[i].to(st["exp_avg_sq_row"].dtype), alpha=1.0 - beta2)
+            st["exp_avg_sq_col"].mul_(beta2).add_(col[i].to(st["exp_avg_sq_col"].dtype), alpha=1.0 - beta2)
+            sts.append(st)
+        inv_bc2 = (1.0 / bc2).to(device=dev, dtype=cdt).unsqueeze(-1)
+        a_vec, b_vec = FF.preconditioner(
+            torch.stack([st["exp_avg_sq_row"] for st in sts]).to(cdt) * inv_bc2,
+            torch.stack([st["exp_avg_sq_col"] for st in sts]).to(cdt) * inv_bc2,
+            group["eps"],
+        )
+        inv_bc1 = (1.0 / bc1).to(device=dev, dtype=cdt)
+        if first == "lowrank":
+            P, Q = FF.lowrank_ema(
+                torch.stack([st["exp_avg_left"] for st in sts]).to(cdt),
+                torch.stack([st["exp_avg_right"] for st in sts]).to(cdt),
+                left, right, beta1, 2 * r,
+            )
+            for i, st in enumerate(sts):
+                st["exp_avg_left"].copy_(P[i])
+                st["exp_avg_right"].copy_(Q[i])
+            d_left, d_right = FF.scale_factors(P * inv_bc1.view(-1, 1, 1), Q, a_vec, b_vec)
+        else:
+            d_left, d_right = FF.scale_factors(left, right, a_vec, b_vec)
+        # Adafactor's update clipping: D ← D / max(1, RMS(D)/d), a per-layer factor kept on the device
+        shrink = torch.ones_like(inv_bc1) if clip is None else (clip / FF.factored_rms(d_left, d_right)).clamp(max=1.0)
+        uA, uB = FF.project(d_left, d_right, grams.A, grams.B, s)
+        hA, hB = F.adjusted_gradients(grams, uA, uB, s, group["x_solution"])
+        if first == "lowrank":
+            step_size = group["lr"] * shrink
+        else:  # momentum of the clipped, projected factor steps
+            hA, hB = hA * shrink.view(-1, 1, 1), hB * shrink.view(-1, 1, 1)
+            for i, (_, a, b, _) in enumerate(bucket):
+                for p, h in ((a, hA[i]), (b, hB[i])):
+                    buf = self.state[p]["exp_avg"]
+                    buf.mul_(beta1).add_(h.to(buf.dtype), alpha=1.0 - beta1)
+                    h.copy_(buf)
+            step_size = group["lr"] * inv_bc1
+        self._apply(bucket, grams.A, grams.B, hA, hB, step_size, group["lr"], group["weight_decay"])
 
     # -- other trainable parameters: plain AdamW -----------------------------------------------------------------
 

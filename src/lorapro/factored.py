@@ -1,0 +1,163 @@
+r"""LoRA-Pro with factored Adam moments — the math of ``LoRAProAdamW(mode="factored")``, batched over layers.
+
+Full-mode LoRA-Pro (arXiv 2407.18242, Algorithm 1) keeps Adam's two moments of the equivalent gradient ``g̃`` in the
+full m × n shape: the optimizer memory of full fine-tuning. This module keeps both moments at O((m + n)·r) per
+layer and never forms an m × n tensor, using that ``g̃`` is a rank-2r product (:mod:`lorapro.functional`)::
+
+    g̃ = s(B·ĝ_A⁰ + ĝ_B⁰·A) = Lf·Rf,     Lf = [s·B, s·ĝ_B⁰] (m × 2r),   Rf = [ĝ_A⁰; A] (2r × n).
+
+Second moment (Adafactor, Shazeer & Stern 2018, with Adam's β2 and bias correction). Only the row and column sums
+of the EMA of ``g̃²`` are kept::
+
+    row(g̃²) = diag(Lf (Rf Rfᵀ) Lfᵀ),   col(g̃²) = diag(Rfᵀ (Lfᵀ Lf) Rf)                 O((m + n)·r²)
+    ρ ← β2·ρ + (1 − β2)·row(g̃²),      κ ← β2·κ + (1 − β2)·col(g̃²)
+    ρ̂ = ρ/(1 − β2ᵗ) + n·ε²,   κ̂ = κ/(1 − β2ᵗ) + m·ε²,   S = Σᵢ ρ/(1 − β2ᵗ) + m·n·ε²
+    V̂ = ρ̂ κ̂ᵀ / S                                                                        (never formed)
+
+``ρ̂, κ̂, S`` are the row sums, column sums and total of ``v̂ + ε²`` (the bias-corrected EMA of ``g̃²`` plus ε² in
+every entry), so V̂ is Adafactor's rank-1 estimate of ``v̂ + ε²``: ε sits *inside* the square root, as
+``√(v̂ + ε²)`` instead of Adam's ``√v̂ + ε`` (the two agree when v̂ ≫ ε² and when v̂ ≪ ε²). That placement is what
+keeps the preconditioner separable, so the Adam-like direction stays factored::
+
+    g̃ ⊘ √V̂ = diag(a)·Lf·Rf·diag(b),     a = 1/√ρ̂,   b = √S/√κ̂.
+
+First moment (``first_moment``) — two designs, both factor-sized:
+
+- ``"lowrank"``: a rank-k EMA of g̃ kept as a product ``P·Q`` (P m × k, Q k × n, k = 2r, the rank of g̃):
+  ``P·Q ← trunc_k(β1·P·Q + (1 − β1)·g̃)``, where ``trunc_k`` is the best rank-k approximation (truncated SVD),
+  computed from the (k + 2r)-sized Gram matrices of ``[β1·P, (1 − β1)·Lf]`` and ``[Q; Rf]`` in O((m + n)·r²).
+  Then ``D = diag(a)·(P·Q)/(1 − β1ᵗ)·diag(b)`` — Adam's order: momentum of the gradient, then preconditioning.
+- ``"factor"``: ``D = diag(a)·Lf·Rf·diag(b)`` (no momentum in weight space); D is projected and clipped, and the
+  momentum is an EMA of the projected factor steps (ĥ_A, ĥ_B) — Adafactor's order, the way efficient mode keeps
+  moments of factor-shaped quantities.
+
+Update clipping (Adafactor): ``D ← D / max(1, RMS(D)/d)`` with ``RMS(D)² = tr((P̃ᵀP̃)(Q̃Q̃ᵀ))/(m·n)`` for
+``D = P̃·Q̃``. The factored V̂ can underestimate single entries of v (a rank-1 fit), so a few entries of D can be
+much larger than Adam's; clipping bounds the step where that happens and is a no-op otherwise.
+
+Projection back (as in full mode): ``u_A = s·Bᵀ·D = s·(Bᵀ P̃)·Q̃`` and ``u_B = s·D·Aᵀ = s·P̃·(Q̃ Aᵀ)``, O((m + n)·r²),
+then :func:`lorapro.functional.adjusted_gradients` turns (u_A, u_B) into the factor steps (ĥ_A, ĥ_B).
+
+All functions take a leading batch dimension (the layers of one shape) and work in the dtype they are given
+(the optimizer's ``compute_dtype``, float64 by default). :mod:`lorapro.reference` has the dense float64 spec
+(``adamw_factored_step``) that forms g̃, v and V̂ explicitly; the tests compare the two step by step.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+__all__ = [
+    "FIRST_MOMENTS",
+    "square_sums",
+    "preconditioner",
+    "scale_factors",
+    "factored_rms",
+    "project",
+    "lowrank_ema",
+]
+
+FIRST_MOMENTS = ("lowrank", "factor")
+
+Tensor = torch.Tensor
+
+
+def square_sums(left: Tensor, right: Tensor) -> Tuple[Tensor, Tensor]:
+    """Row and column sums of ``(left @ right)²`` without forming the product.
+
+    ``row_i = (left (right rightᵀ) leftᵀ)_ii`` and ``col_j = (rightᵀ (leftᵀ left) right)_jj``.
+
+    Args:
+        left: (L, m, p); right: (L, p, n).
+
+    Returns:
+        (row (L, m), col (L, n)), clamped at 0 against round-off.
+    """
+    rrt = right @ right.transpose(-1, -2)  # (L, p, p)
+    ltl = left.transpose(-1, -2) @ left  # (L, p, p)
+    row = ((left @ rrt) * left).sum(-1)
+    col = ((ltl @ right) * right).sum(-2)
+    return row.clamp_min_(0.0), col.clamp_min_(0.0)
+
+
+def preconditioner(row_hat: Tensor, col_hat: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    """Vectors (a, b) with ``X ⊘ √V̂ = diag(a)·X·diag(b)`` for the factored second moment V̂.
+
+    Args:
+        row_hat: (L, m) bias-corrected EMA of the row sums of g̃² (without ε).
+        col_hat: (L, n) the same for column sums.
+        eps: Adam's ε; ε² is added to every entry of v̂ before factoring.
+
+    Returns:
+        a = 1/√(row_hat + n·ε²) (L, m) and b = √(Σ row_hat + m·n·ε²)/√(col_hat + m·ε²) (L, n).
+    """
+    m, n = row_hat.shape[-1], col_hat.shape[-1]
+    e2 = eps * eps
+    total = row_hat.sum(-1, keepdim=True) + m * n * e2
+    a = (row_hat + n * e2).rsqrt()
+    b = (total / (col_hat + m * e2)).sqrt()
+    return a, b
+
+
+def scale_factors(left: Tensor, right: Tensor, a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
+    """Factors of ``diag(a)·left·right·diag(b)``: (a ⊙ rows of left, b ⊙ columns of right)."""
+    return left * a.unsqueeze(-1), right * b.unsqueeze(-2)
+
+
+def factored_rms(left: Tensor, right: Tensor) -> Tensor:
+    """RMS of ``left @ right`` (L, m, n) from the factors: √(tr((leftᵀleft)(right rightᵀ)) / (m·n)), shape (L,)."""
+    m, n = left.shape[-2], right.shape[-1]
+    ltl = left.transpose(-1, -2) @ left
+    rrt = right @ right.transpose(-1, -2)
+    sq = (ltl * rrt).sum((-1, -2)).clamp_min(0.0)  # both symmetric: tr(XY) = Σ X ⊙ Y
+    return (sq / (m * n)).sqrt()
+
+
+def project(left: Tensor, right: Tensor, A: Tensor, B: Tensor, scaling: Tensor) -> Tuple[Tensor, Tensor]:
+    """``u_A = s·Bᵀ·D`` (L, r, n) and ``u_B = s·D·Aᵀ`` (L, m, r) for ``D = left @ right``, in O((m + n)·r·p)."""
+    s = scaling.to(left.dtype).view(-1, 1, 1)
+    uA = (s * (B.transpose(-1, -2) @ left)) @ right
+    uB = left @ (s * (right @ A.transpose(-1, -2)))
+    return uA, uB
+
+
+def lowrank_ema(
+    P: Tensor, Q: Tensor, left: Tensor, right: Tensor, beta1: float, rank: int, rtol: float = 1e-12
+) -> Tuple[Tensor, Tensor]:
+    """Rank-``rank`` EMA in factored form: ``P'·Q' = trunc_rank(β1·P·Q + (1 − β1)·left·right)``.
+
+    With ``Lc = [β1·P, (1 − β1)·left]`` (m × p) and ``Rc = [Q; right]`` (p × n), p = rank + 2r:
+    ``LcᵀLc = W₁ diag(λ₁) W₁ᵀ`` and ``Rc Rcᵀ = W₂ diag(λ₂) W₂ᵀ`` give ``Lc·Rc = Q₁·C·Q₂ᵀ`` with orthonormal
+    Q₁, Q₂ and the p × p core ``C = diag(√λ₁) W₁ᵀ W₂ diag(√λ₂)``. With ``C = U Σ Vᵀ`` (top ``rank`` triplets)::
+
+        P' = Lc·W₂·diag(√λ₂)·V·Σ^(−1/2),     Q' = Σ^(−1/2)·Uᵀ·diag(√λ₁)·W₁ᵀ·Rc
+
+    so ``P'·Q' = Q₁ U Σ Vᵀ Q₂ᵀ`` (the truncated SVD) and ``P'ᵀP' = Q'Q'ᵀ = Σ`` (balanced factors). No division by a
+    Gram eigenvalue occurs; singular values below ``rtol·σ_max`` are dropped (their columns set to 0), which is what
+    makes the first step (P = Q = 0) and rank-deficient g̃ (B = 0 at PEFT init) exact.
+
+    Args:
+        P: (L, m, rank); Q: (L, rank, n) — the current EMA (zeros at the start).
+        left: (L, m, 2r); right: (L, 2r, n) — the new g̃ = left·right.
+        beta1: EMA coefficient.
+        rank: the kept rank k.
+
+    Returns:
+        (P', Q') with the shapes of (P, Q).
+    """
+    Lc = torch.cat([beta1 * P, (1.0 - beta1) * left], dim=-1)
+    Rc = torch.cat([Q, right], dim=-2)
+    lam1, W1 = torch.linalg.eigh(Lc.transpose(-1, -2) @ Lc)
+    lam2, W2 = torch.linalg.eigh(Rc @ Rc.transpose(-1, -2))
+    sq1 = lam1.clamp_min(0.0).sqrt()
+    sq2 = lam2.clamp_min(0.0).sqrt()
+    core = sq1.unsqueeze(-1) * (W1.transpose(-1, -2) @ W2) * sq2.unsqueeze(-2)
+    U, sigma, Vh = torch.linalg.svd(core)
+    U, sigma, Vh = U[..., :rank], sigma[..., :rank], Vh[..., :rank, :]
+    keep = sigma > rtol * sigma[..., :1]
+    inv_sqrt = torch.where(keep, sigma.clamp_min(torch.finfo(sigma.dtype).tiny).rsqrt(), torch.zeros_like(sigma))
+    right_map = (W2 * sq2.unsqueeze(-2)) @ (Vh.transpose(-1, -2) * inv_sqrt.unsqueeze(-2))  # (L, p, rank)
+    left_map = (inv_sqrt.unsqueeze(-1) * U.transpose(-1, -2) * sq1.unsqueeze(-2)) @ W1.transpose(-1, -2)  # (L, rank, p)
+    return Lc @ right_map, left_map @ Rc
