@@ -1,0 +1,89 @@
+"""Run under ``torchrun --nproc_per_node=2`` by test_optim_distributed.py: every 2-process scenario in one launch.
+
+Usage: worker_optim.py OUT_DIR CKPT_FROM_ONE_PROCESS
+Writes OUT_DIR/<scenario>_rank<r>.pt (trainable parameters after the run) and OUT_DIR/meta_rank<r>.json.
+"""
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from dist_toy import global_batches, make_model, make_opt, params_of, train
+
+from lorapro.distributed import optimizer_state_bytes
+
+STEPS, SAVE_AT = 4, 2
+
+
+def main() -> None:
+    out, ckpt_from_one = sys.argv[1], sys.argv[2]
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    batches = global_batches(STEPS)
+    meta = {"world_size": world}
+
+    def save(name, model):
+        torch.save(params_of(model), os.path.join(out, f"{name}_rank{rank}.pt"))
+
+    # DDP, unsharded optimizer: gradients are averaged before the LoRA-Pro step
+    for kind in ("full", "efficient"):
+        model = DDP(make_model())
+        opt = make_opt(kind, model)
+        train(model, opt, batches, 0, STEPS, rank, world)
+        save(f"ddp_{kind}", model)
+        meta[f"bytes_unsharded_{kind}"] = optimizer_state_bytes(opt)
+
+    # DDP + sharded state
+    for kind in ("full", "efficient", "sgd"):
+        model = DDP(make_model())
+        opt = make_opt(kind, model, shard_state=True)
+        train(model, opt, batches, 0, STEPS, rank, world)
+        save(f"sharded_{kind}", model)
+        meta[f"bytes_sharded_{kind}"] = optimizer_state_bytes(opt)
+        meta[f"owners_{kind}"] = opt._sharding.pair_owners
+
+    # checkpoint protocol: state_dict() refuses until consolidated; save on 2 processes
+    model = DDP(make_model())
+    opt = make_opt("full", model, shard_state=True)
+    train(model, opt, batches, 0, SAVE_AT, rank, world)
+    try:
+        opt.state_dict()
+        meta["unconsolidated_state_dict"] = "returned"
+    except RuntimeError as e:
+        meta["unconsolidated_state_dict"] = str(e)
+    opt.consolidate_state_dict(to=0)
+    if rank == 0:
+        torch.save({"model": params_of(model), "optim": opt.state_dict()}, os.path.join(out, "ckpt_two.pt"))
+    else:
+        try:
+            opt.state_dict()
+            meta["other_rank_state_dict"] = "returned"
+        except RuntimeError as e:
+            meta["other_rank_state_dict"] = str(e)
+    dist.barrier()
+
+    # resume on 2 processes from a checkpoint written by 1 unsharded process
+    ck = torch.load(ckpt_from_one, weights_only=True)
+    model = make_model()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in ck["model"]:
+                p.copy_(ck["model"][n])
+    model = DDP(model)
+    opt = make_opt("full", model, shard_state=True)
+    opt.load_state_dict(ck["optim"])
+    meta["bytes_after_load"] = optimizer_state_bytes(opt)
+    train(model, opt, batches, SAVE_AT, STEPS, rank, world)
+    save("resumed_from_one", model)
+
+    with open(os.path.join(out, f"meta_rank{rank}.json"), "w") as f:
+        json.dump(meta, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
