@@ -25,8 +25,15 @@ Checkpoints (world-size independent)
     state to rank ``to``. ``optimizer.state_dict()`` on that rank then returns a state dict in *exactly* the format
     of the unsharded optimizer, so it loads into an unsharded optimizer on one process or a sharded one on any
     number of processes; on a sharded optimizer ``load_state_dict`` keeps only the pairs this rank owns.
-    ``state_dict()`` without a fresh consolidation (or on another rank) raises, rather than silently saving a
-    partial state. This is the protocol of :class:`torch.distributed.optim.ZeroRedundancyOptimizer`.
+    ``state_dict()`` without a fresh consolidation (one taken after the last step or load) raises, rather than
+    silently returning a partial state — the protocol of :class:`torch.distributed.optim.ZeroRedundancyOptimizer`.
+    After a consolidation the *other* ranks' ``state_dict()`` returns an empty placeholder marked with
+    ``PLACEHOLDER_KEY`` (accelerate's ``save_state`` and DeepSpeed's ``save_checkpoint`` call ``state_dict()`` on
+    every rank and write rank 0's); ``load_state_dict`` refuses a placeholder. The Hugging Face Trainer path
+    consolidates before each checkpoint by itself (:mod:`lorapro.integrations.distributed`).
+
+    Cost: consolidation moves every pair's state to host memory on rank ``to`` (pickled through
+    ``torch.distributed.gather_object``); loading reads the whole file on every rank, then keeps the owned pairs.
 
 What is refused
     Parameters that are DTensors (FSDP2 ``fully_shard``, tensor parallel) and FSDP1-wrapped models: LoRA-Pro needs
@@ -52,7 +59,10 @@ __all__ = [
     "unwrap_model",
     "check_params_supported",
     "check_lora_group_intact",
+    "check_loadable",
 ]
+
+PLACEHOLDER_KEY = "lorapro_state_consolidated_on_rank"
 
 SUPPORTED = (
     "Supported multi-process setups: DDP (torchrun / accelerate launch / the Hugging Face Trainer), optionally with "
@@ -171,6 +181,16 @@ def check_lora_group_intact(group: Dict[str, Any]) -> None:
         )
 
 
+def check_loadable(state_dict: Dict[str, Any]) -> None:
+    """Refuse the placeholder that a sharded optimizer's ``state_dict()`` returns on ranks that hold no state."""
+    if PLACEHOLDER_KEY in state_dict:
+        raise ValueError(
+            "This optimizer state dict is a placeholder written by a rank of a sharded LoRA-Pro optimizer "
+            f"(shard_state=True): the complete state was consolidated on rank {state_dict[PLACEHOLDER_KEY]}. Load "
+            "the checkpoint that rank saved."
+        )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Sharded state
 
@@ -203,7 +223,8 @@ class StateSharding:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self._version = 0  # bumped by every step / load: a consolidated state dict is valid for one version
-        self._consolidated: Optional[Tuple[int, Dict[int, Dict[str, Any]]]] = None
+        # (version, consolidated state or None on the other ranks, rank it was gathered to)
+        self._consolidated: Optional[Tuple[int, Optional[Dict[int, Dict[str, Any]]], int]] = None
         self._signature: Tuple[int, ...] = ()
         self.refresh(optimizer)
 
@@ -211,7 +232,8 @@ class StateSharding:
 
     @staticmethod
     def _signature_of(optimizer: torch.optim.Optimizer) -> Tuple[int, ...]:
-        return tuple(len(g["params"]) for g in optimizer.param_groups)
+        # identities, not just counts: DeepSpeed's bf16/fp16 wrappers swap the factors for fp32 master copies
+        return tuple(id(p) for g in optimizer.param_groups if g.get("lora") for p in g["params"])
 
     def refresh(self, optimizer: torch.optim.Optimizer) -> None:
         """(Re)compute the partition from the param groups; collective (checks all ranks agree)."""
@@ -330,12 +352,12 @@ class StateSharding:
         gathered: Optional[List[Any]] = [None] * self.world_size if self.rank == to else None
         dist.gather_object(mine, gathered, dst=to)
         if self.rank != to:
-            self._consolidated = None
+            self._consolidated = (self._version, None, to)
             return
         state: Dict[int, Dict[str, Any]] = {i: st for i, st in local.items() if i not in owners}  # replicated params
         for part in gathered or []:
             state.update(part)
-        self._consolidated = (self._version, dict(sorted(state.items())))
+        self._consolidated = (self._version, dict(sorted(state.items())), to)
 
     def state_dict(self, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
         """The consolidated, world-size-independent state dict (after :meth:`consolidate` on this rank)."""
@@ -350,5 +372,12 @@ class StateSharding:
                 "this for you."
             )
         sd = torch.optim.Optimizer.state_dict(optimizer)
-        sd["state"] = self._consolidated[1]
+        _, state, to = self._consolidated
+        if state is None:
+            # Frameworks (accelerate's save_state, DeepSpeed's save_checkpoint) call state_dict() on every rank and
+            # write only rank 0's. Give the other ranks a marked placeholder that load_state_dict refuses.
+            sd["state"] = {}
+            sd[PLACEHOLDER_KEY] = to
+        else:
+            sd["state"] = state
         return sd

@@ -244,6 +244,7 @@ class _LoRAProBase(Optimizer):
         (torch casts state to the parameter's dtype; here the full-mode moments are m × n fp32 tensors that belong
         to an r × n bf16 factor, and casting them would break resume == uninterrupted.)
         """
+        _dist.check_loadable(state_dict)  # not the placeholder of a rank of a sharded optimizer
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(

@@ -10,7 +10,7 @@ from dist_launch import HERE, torchrun
 from dist_toy import global_batches, make_model, make_opt, params_of, train
 
 from lorapro import LoRAProAdamW
-from lorapro.distributed import optimizer_state_bytes, partition_by_cost
+from lorapro.distributed import PLACEHOLDER_KEY, optimizer_state_bytes, partition_by_cost
 
 STEPS, SAVE_AT = 4, 2  # as in worker_optim.py
 TOL = dict(rtol=2e-5, atol=2e-6)  # fp32: the all-reduced mean differs from the one-process mean in the last bits
@@ -85,9 +85,14 @@ def test_sharded_state_bytes_about_halve(two_procs):
 
 @pytest.mark.distributed
 def test_state_dict_refuses_until_consolidated(two_procs):
-    _, meta = two_procs
+    out, meta = two_procs
     assert "consolidate_state_dict" in meta[0]["unconsolidated_state_dict"]
-    assert "consolidate_state_dict" in meta[1]["other_rank_state_dict"]
+    assert "consolidate_state_dict" in meta[1]["unconsolidated_state_dict"]
+    # after consolidating to rank 0, rank 1's state_dict() is an empty, marked placeholder that no optimizer loads
+    placeholder = torch.load(out / "placeholder_rank1.pt", weights_only=True)
+    assert placeholder["state"] == {} and placeholder[PLACEHOLDER_KEY] == 0
+    with pytest.raises(ValueError, match="placeholder"):
+        make_opt("full", make_model()).load_state_dict(placeholder)
 
 
 @pytest.mark.distributed
