@@ -361,7 +361,9 @@ class StateSharding:
 
     def state_dict(self, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
         """The consolidated, world-size-independent state dict (after :meth:`consolidate` on this rank)."""
-        if self.world_size == 1:
+        if self.world_size == 1 or self._version == 0:
+            # one process, or no step / load yet (every rank's state is empty): the local state is complete
+            # (accelerate's prepare() round-trips state_dict -> load_state_dict at this point)
             return torch.optim.Optimizer.state_dict(optimizer)
         if self._consolidated is None or self._consolidated[0] != self._version:
             raise RuntimeError(

@@ -36,3 +36,14 @@ def torchrun(script_and_args: Sequence[str], nproc: int = 2, timeout: float = 24
     if proc.returncode != 0:
         pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def accelerate_launch(script_and_args: Sequence[str], nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+    """``accelerate launch --multi_gpu --num_processes nproc`` (on a machine without GPUs: gloo on CPU)."""
+    cmd: List[str] = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={nproc}",
+                      "--num_machines=1", "--main_process_ip=127.0.0.1", f"--main_process_port={free_port()}",
+                      "--mixed_precision=no", "--dynamo_backend=no", *map(str, script_and_args)]
+    proc = subprocess.run(cmd, env=dist_env(), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"accelerate launch failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 GLOBAL_BATCH = 16
+STEPS_DEFAULT = 4  # steps of every 2-process scenario
 DIMS = [(16, 32), (32, 16), (16, 16), (16, 16)]  # (in, out) of the four LoRA layers
 
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from dist_launch import HERE, torchrun
+from dist_launch import HERE, accelerate_launch, torchrun
 from dist_toy import global_batches, make_model, make_opt, params_of, train
 
 from lorapro import LoRAProAdamW
@@ -124,6 +124,23 @@ def test_save_on_one_process_resume_on_two(two_procs):
     want = params_of(single_process("full")[0])
     for rank in (0, 1):
         assert_params_close(load(out, "resumed_from_one", rank), want, **TOL)
+
+
+@pytest.mark.distributed
+def test_accelerate_launch_sharded_matches_one_process_and_save_state_is_complete(tmp_path):
+    pytest.importorskip("accelerate")
+    accelerate_launch([HERE / "worker_accelerate.py", tmp_path])
+    ref_model, ref_opt = single_process("full")
+    want = params_of(ref_model)
+    r0, r1 = (torch.load(tmp_path / f"accelerate_rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert_params_close(r0, want, **TOL)
+    assert_params_close(r1, r0, rtol=0, atol=0)
+    saved = torch.load(tmp_path / "accelerate_state" / "optimizer.bin", weights_only=True)
+    ref_sd = ref_opt.state_dict()
+    assert saved["state"].keys() == ref_sd["state"].keys()  # every pair's state, gathered from both ranks
+    for i, st in ref_sd["state"].items():
+        for k in st:
+            torch.testing.assert_close(saved["state"][i][k], st[k], **TOL)
 
 
 # ---- no processes needed ---------------------------------------------------------------------------------------
