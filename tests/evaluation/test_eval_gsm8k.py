@@ -1,0 +1,92 @@
+"""GSM8K: prompt, gold parsing and answer extraction on tricky strings, scoring."""
+
+import json
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from lorapro.evaluation import gsm8k
+
+DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "gsm8k" / "test.jsonl"
+
+
+def test_prompt_is_the_paper_alpaca_prompt():
+    p = gsm8k.build_prompt("What is 2+2?")
+    assert p == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nWhat is 2+2?\n\n### Response:"
+    )
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("The answer is: 18", "18"),
+        ("She sells 16 - 3 - 4 = 9 eggs.\n#### 9", "9"),  # "####" wins over later numbers
+        ("#### 9\nSome trailing chatter with 123", "9"),
+        ("So the total is $1,234.50.", "1234.5"),  # currency, thousands separator, decimals, final period
+        ("The answer is -5.", "-5"),
+        ("The temperature drops to −7 degrees", "-7"),  # unicode minus
+        ("Answer: $ 1,000,000", "1000000"),
+        ("The final answer is **42**", "42"),
+        ("\\boxed{3.5}", "3.5"),
+        ("It costs .5 dollars", "0.5"),
+        ("16-3-4=9", "9"),  # hyphens between numbers are operators: last number 9, not -4
+        ("The answer is 18. Then I count 3 more and 7", "18"),  # an explicit answer beats the last number
+        ("results 12,345 and 6", "6"),  # last-number fallback
+        ("Answer: 18.00", "18"),  # compared as decimals
+        ("We get 50% of the 120 apples, i.e. 60 apples", "60"),
+        ("The answer is: 1,5", "1"),  # "1,5" is not a thousands group
+        ("x = 3.14159", "3.14159"),
+    ],
+)
+def test_extract_answer_tricky_strings(text, expected):
+    assert gsm8k.extract_answer(text) == Decimal(expected)
+
+
+@pytest.mark.parametrize("text", ["", "no numbers here", "####", "The answer is: unknown"])
+def test_extract_answer_none(text):
+    assert gsm8k.extract_answer(text) is None
+
+
+def test_extract_gold():
+    assert gsm8k.extract_gold("Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs.\n#### 18") == Decimal(18)
+    assert gsm8k.extract_gold("...\n#### 1,000") == Decimal(1000)
+    assert gsm8k.extract_gold("...\n#### -3") == Decimal(-3)
+    with pytest.raises(ValueError, match="####"):
+        gsm8k.extract_gold("no marker 5")
+
+
+def test_is_correct_compares_numbers():
+    assert gsm8k.is_correct(gsm8k.extract_answer("The answer is: $18.00"), gsm8k.extract_gold("#### 18"))
+    assert not gsm8k.is_correct(gsm8k.extract_answer("The answer is: 17"), gsm8k.extract_gold("#### 18"))
+    assert not gsm8k.is_correct(None, Decimal(0))
+
+
+def test_score_records_counts_and_fields():
+    recs = [
+        {"output": "so 2+2=4. The answer is: 4", "answer": "2+2=4\n#### 4"},
+        {"output": "I think it is 5", "answer": "#### 4"},
+        {"output": "no idea", "answer": "#### 4"},
+        {"output": "#### -2.5", "answer": -2.5},  # a bare number as gold is accepted too
+    ]
+    res = gsm8k.score_records(recs)
+    assert res["n"] == 4 and res["correct"] == 2 and res["accuracy"] == 0.5
+    assert [e["extracted"] for e in res["examples"]] == ["4", "5", None, "-2.5"]
+    assert [e["correct"] for e in res["examples"]] == [True, False, False, True]
+    with pytest.raises(ValueError, match="record 1"):
+        gsm8k.score_records([recs[0], {"output": "x"}])
+
+
+@pytest.mark.skipif(not DATA.is_file(), reason="needs ../shared/data")
+def test_every_gold_answer_of_the_test_set_parses_and_scores_itself():
+    records = [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
+    assert len(records) == 1319
+    # The gold solution itself, used as the model output, must be scored correct (its "#### N" line).
+    res = gsm8k.score_records([{"output": r["answer"], "answer": r["answer"]} for r in records])
+    assert res["accuracy"] == 1.0
+    # The reasoning without the final line must not accidentally be scored by the "####" rule.
+    stripped = [{"output": r["answer"].rsplit("####", 1)[0], "answer": r["answer"]} for r in records]
+    assert all("####" not in s["output"] for s in stripped)
+    assert gsm8k.load_gsm8k(str(DATA), limit=5) == records[:5]
