@@ -304,10 +304,16 @@ class _LoRAProBase(Optimizer):
     def _stack(self, bucket: list) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Stacked factors, gradients (missing ones as zeros) and scalings of a bucket, in the compute dtype."""
         cdt = self.compute_dtype
-        A = torch.stack([a for _, a, _, _ in bucket]).to(cdt)
-        B = torch.stack([b for _, _, b, _ in bucket]).to(cdt)
-        gA = torch.stack([a.grad if a.grad is not None else torch.zeros_like(a) for _, a, _, _ in bucket]).to(cdt)
-        gB = torch.stack([b.grad if b.grad is not None else torch.zeros_like(b) for _, _, b, _ in bucket]).to(cdt)
+
+        def stacked(tensors: List[torch.Tensor]) -> torch.Tensor:
+            out = torch.empty((len(tensors), *tensors[0].shape), dtype=cdt, device=tensors[0].device)
+            torch._foreach_copy_(list(out.unbind(0)), tensors)  # one pass per tensor, converting on the way
+            return out
+
+        A = stacked([a for _, a, _, _ in bucket])
+        B = stacked([b for _, _, b, _ in bucket])
+        gA = stacked([a.grad if a.grad is not None else torch.zeros_like(a) for _, a, _, _ in bucket])
+        gB = stacked([b.grad if b.grad is not None else torch.zeros_like(b) for _, _, b, _ in bucket])
         s = torch.tensor([sc for _, _, _, sc in bucket], dtype=cdt, device=A.device)
         return A, B, gA, gB, s
 
@@ -316,11 +322,11 @@ class _LoRAProBase(Optimizer):
                step_size: torch.Tensor, lr: float, weight_decay: float) -> None:
         """θ ← θ·(1 − lr·wd) − step_size·d for both factors of every pair (computed in the compute dtype)."""
         step_size = step_size.to(device=A.device, dtype=A.dtype).view(-1, 1, 1)  # built on the host
-        new_A = A * (1.0 - lr * weight_decay) - step_size * dA
-        new_B = B * (1.0 - lr * weight_decay) - step_size * dB
-        for i, (_, a, b, _) in enumerate(bucket):
-            a.copy_(new_A[i])
-            b.copy_(new_B[i])
+        decay = 1.0 - lr * weight_decay
+        new_A = torch.addcmul(A * decay if decay != 1.0 else A, step_size, dA, value=-1.0)
+        new_B = torch.addcmul(B * decay if decay != 1.0 else B, step_size, dB, value=-1.0)
+        params = [p for _, a, b, _ in bucket for p in (a, b)]
+        torch._foreach_copy_(params, [t for pair in zip(new_A.unbind(0), new_B.unbind(0)) for t in pair])
 
     def _state_dtype_for(self, p: torch.Tensor) -> torch.dtype:
         return self.state_dtype or _work_dtype(p.dtype)
@@ -337,6 +343,25 @@ def _new_step(state: Dict[str, Any]) -> float:
         state["step"] = torch.tensor(0.0)
     state["step"] += 1
     return float(state["step"].item())
+
+
+def _adam_update(params: List[torch.Tensor], exp_avgs: List[torch.Tensor], exp_avg_sqs: List[torch.Tensor],
+                 step_sizes: List[float], denom_eps: List[float], decay: float) -> None:
+    """θ ← θ·decay + step_size·m / (√v + denom_eps) for every tensor, with foreach ops in the work dtype.
+
+    Parameters narrower than float32 (bf16, fp16) are updated in float32 and rounded once.
+    """
+    wdt = _work_dtype(params[0].dtype)
+    exp_avgs = [t.to(wdt) for t in exp_avgs]  # no copy where the state already has the work dtype
+    exp_avg_sqs = [t.to(wdt) for t in exp_avg_sqs]
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denom, denom_eps)
+    targets = params if all(p.dtype == wdt for p in params) else [p.to(wdt) for p in params]
+    if decay != 1.0:
+        torch._foreach_mul_(targets, decay)
+    torch._foreach_addcdiv_(targets, exp_avgs, denom, step_sizes)
+    if targets is not params:
+        torch._foreach_copy_(params, targets)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -489,26 +514,29 @@ class LoRAProAdamW(_LoRAProBase):
     def _efficient(self, group: Dict[str, Any], bucket: list, grams: F.GramInverses, gA: torch.Tensor,
                    gB: torch.Tensor, s: torch.Tensor) -> None:
         beta1, beta2 = group["betas"]
-        eps = group["eps"]
+        eps, lr = group["eps"], group["lr"]
         hA, hB = F.adjusted_gradients(grams, gA, gB, s, group["x_solution"])
-        dA, dB = torch.empty_like(hA), torch.empty_like(hB)
-        step_size = torch.empty(len(bucket), dtype=torch.float64)
+        hA, hB = hA.to(self._state_dtype_for(bucket[0][1])), hB.to(self._state_dtype_for(bucket[0][2]))
+        params, grads, exp_avgs, exp_avg_sqs, step_sizes, denom_eps = [], [], [], [], [], []
         for i, (_, a, b, _) in enumerate(bucket):
             t = _new_step(self.state[a])
-            bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
-            for p, h, d in ((a, hA[i], dA[i]), (b, hB[i], dB[i])):
+            bc1, bc2_sqrt = 1.0 - beta1**t, (1.0 - beta2**t) ** 0.5
+            for p, h in ((a, hA[i]), (b, hB[i])):
                 st = self.state[p]
                 if "exp_avg" not in st:
-                    sdt = self._state_dtype_for(p)
-                    st["exp_avg"] = torch.zeros(h.shape, dtype=sdt, device=p.device)
-                    st["exp_avg_sq"] = torch.zeros(h.shape, dtype=sdt, device=p.device)
-                g = h.to(st["exp_avg"].dtype)
-                st["exp_avg"].lerp_(g, 1.0 - beta1)
-                st["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-                denom = (st["exp_avg_sq"].to(d.dtype).sqrt() / bc2**0.5).add_(eps)
-                torch.div(st["exp_avg"].to(d.dtype), denom, out=d)
-            step_size[i] = group["lr"] / bc1
-        self._apply(bucket, grams.A, grams.B, dA, dB, step_size, group["lr"], group["weight_decay"])
+                    st["exp_avg"] = torch.zeros(h.shape, dtype=h.dtype, device=p.device)
+                    st["exp_avg_sq"] = torch.zeros(h.shape, dtype=h.dtype, device=p.device)
+                params.append(p)
+                grads.append(h.to(st["exp_avg"].dtype))  # no copy unless a loaded checkpoint changed the dtype
+                exp_avgs.append(st["exp_avg"])
+                exp_avg_sqs.append(st["exp_avg_sq"])
+                # (m / (1 − β1ᵗ)) / (√v / √(1 − β2ᵗ) + ε) = (√(1 − β2ᵗ) / (1 − β1ᵗ)) · m / (√v + ε·√(1 − β2ᵗ))
+                step_sizes.append(-lr * bc2_sqrt / bc1)
+                denom_eps.append(eps * bc2_sqrt)
+        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+        _adam_update(params, exp_avgs, exp_avg_sqs, step_sizes, denom_eps, 1.0 - lr * group["weight_decay"])
 
     def _factored(self, group: Dict[str, Any], bucket: list, grams: F.GramInverses, gA: torch.Tensor,
                   gB: torch.Tensor, s: torch.Tensor) -> None:
