@@ -73,6 +73,11 @@ class OptimConfig:
         help="clip the global norm of the raw trainable gradients (for LoRA: g_A, g_B) to this value before the "
         "optimizer step, i.e. before LoRA-Pro adjusts them; 0 disables clipping",
     )
+    shard_state: bool = field(
+        False,
+        help="LoRA-Pro methods under torchrun / accelerate launch: keep each LoRA pair's optimizer state on one "
+        "process only (per-process state about 1/N); checkpoints stay complete; no effect on one process",
+    )
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = field(
         "cosine", help="learning-rate schedule after warm-up"
     )

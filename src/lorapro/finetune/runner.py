@@ -202,6 +202,9 @@ def _training_arguments(cfg: TrainConfig, out: Path, has_eval: bool) -> Any:
         remove_unused_columns=False,
         dataloader_pin_memory=torch.cuda.is_available(),
         deepspeed=t.deepspeed,
+        # without a GPU, accelerate runs the processes of torchrun as DDP on CPU (gloo) only when told to use the
+        # CPU; otherwise every process would train its own copy on its own micro-batches
+        use_cpu=world > 1 and not torch.cuda.is_available(),
         log_level="warning",
     )
     if cfg.model.gradient_checkpointing:
@@ -277,7 +280,8 @@ def run_training(
         from lorapro.integrations.transformers import lorapro_optimizer_cls_and_kwargs
 
         trainer_kwargs["optimizer_cls_and_kwargs"] = lorapro_optimizer_cls_and_kwargs(
-            model, args, x_solution=cfg.optim.x_solution, **method.optimizer_kwargs
+            model, args, x_solution=cfg.optim.x_solution, **method.optimizer_kwargs,
+            shard_state=cfg.optim.shard_state and args.world_size > 1,
         )
     elif method.optimizer == "loraplus":
         from peft.optimizers import create_loraplus_optimizer
@@ -305,6 +309,10 @@ def run_training(
     if progress:
         callbacks.append(ProgressBar(desc=method.name))
     callbacks.extend(extra_callbacks)
+    if method.optimizer == "lorapro" and cfg.optim.shard_state:
+        from lorapro.integrations.distributed import ConsolidateStateCallback
+
+        callbacks.append(ConsolidateStateCallback())  # complete optimizer state in every checkpoint
     trainer = Trainer(
         model=model,
         args=args,

@@ -43,6 +43,8 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
+from .distributed import lorapro_optimizer_of
+
 __all__ = ["check_deepspeed_config", "initialize", "save_checkpoint", "lorapro_optimizer_of"]
 
 ConfigT = Union[str, Path, Dict[str, Any]]
@@ -79,17 +81,6 @@ def check_deepspeed_config(config: ConfigT) -> Dict[str, Any]:
         if device not in (None, "none"):
             raise ValueError(f"DeepSpeed config has zero_optimization.{key}.device = {device!r}. " + SUPPORTED_DS)
     return cfg
-
-
-def lorapro_optimizer_of(optimizer: Any) -> Optional[torch.optim.Optimizer]:
-    """The LoRA-Pro optimizer inside DeepSpeed / accelerate / Trainer wrappers (``.optimizer`` chains), or None."""
-    seen = 0
-    while optimizer is not None and seen < 8:
-        if hasattr(optimizer, "consolidate_state_dict") and hasattr(optimizer, "compute_dtype"):
-            return optimizer
-        optimizer = getattr(optimizer, "optimizer", None)
-        seen += 1
-    return None
 
 
 def initialize(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: ConfigT, **kwargs: Any):

@@ -28,9 +28,13 @@ What the Trainer does around the step, and why it is right for LoRA-Pro:
 * ``bf16=True`` autocasts the forward pass; LoRA factors stay fp32 (PEFT), the LoRA-Pro algebra runs in ≥ fp32.
 * checkpoints hold ``optimizer.state_dict()`` (tensors and numbers only) so ``resume_from_checkpoint``
   continues the moments exactly.
-* DeepSpeed (not tested in this repository): the Trainer hands the optimizer built by path 1 to DeepSpeed as its
-  client optimizer, which can work with ZeRO stage 0. ZeRO stages >= 1 flatten and partition parameters, so A and
-  B are no longer visible as pairs to any optimizer: not supported.
+* multi-process (``torchrun`` / ``accelerate launch``): the Trainer's DDP averages gradients before the step.
+  ``shard_state=True`` (an override here) splits the LoRA-Pro state across ranks; add
+  :class:`lorapro.integrations.distributed.ConsolidateStateCallback` so checkpoints hold the complete state.
+* DeepSpeed: ZeRO stage 0 with this optimizer as DeepSpeed's client optimizer works (tested in
+  ``tests/distributed``, see :mod:`lorapro.integrations.deepspeed`). ZeRO stages >= 1 flatten and partition the
+  parameters, so A and B are no longer visible as pairs to any optimizer, and FSDP shards them: both are refused
+  with a clear error when the optimizer is built (:func:`lorapro.integrations.distributed.check_trainer_args`).
 
 Weight decay: passing the model lets LoRA-Pro find every LoRA pair itself; ``args.weight_decay`` is then applied
 to all trainable parameters (the Trainer's no-decay group for biases/LayerNorm is not used). The paper's recipes
@@ -85,6 +89,10 @@ def lorapro_optimizer_cls_and_kwargs(
     each Trainer.
     """
     cls = _optimizer_class(optimizer)
+    if args is not None:
+        from .distributed import check_trainer_args
+
+        check_trainer_args(args)  # FSDP and DeepSpeed ZeRO >= 1 are refused here, before training starts
     kwargs = lorapro_optimizer_kwargs(args, **overrides)
     if cls.__name__ == "LoRAProSGD":
         kwargs.pop("betas", None)
