@@ -61,7 +61,7 @@ def test_ddp_two_processes_match_one_process_with_the_global_batch(two_procs, ki
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("kind", ["full", "efficient", "sgd"])
+@pytest.mark.parametrize("kind", ["full", "efficient", "factored", "sgd"])
 def test_sharded_state_matches_one_process(two_procs, kind):
     out, meta = two_procs
     want = params_of(single_process(kind)[0])

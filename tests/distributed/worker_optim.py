@@ -38,7 +38,7 @@ def main() -> None:
         meta[f"bytes_unsharded_{kind}"] = optimizer_state_bytes(opt)
 
     # DDP + sharded state
-    for kind in ("full", "efficient", "sgd"):
+    for kind in ("full", "efficient", "factored", "sgd"):
         model = DDP(make_model())
         opt = make_opt(kind, model, shard_state=True)
         train(model, opt, batches, 0, STEPS, rank, world)

@@ -9,9 +9,10 @@ What works (tested on CPU with 2 processes, ``tests/distributed/test_deepspeed.p
     * ``zero_optimization.stage = 0`` with ``LoRAProAdamW`` / ``LoRAProSGD`` as the client optimizer: DeepSpeed
       does the data-parallel gradient all-reduce, gradient accumulation, clipping, LR scheduling and checkpoints;
       LoRA-Pro steps the real A and B. Two processes reproduce one process with the global batch.
-    * ``"bf16": {"enabled": true}`` (and ``"fp16"``) at stage 0: DeepSpeed wraps the client optimizer in its
-      *unfused* mixed-precision optimizer, which keeps one fp32 master copy per parameter with the parameter's
-      shape — LoRA-Pro steps those masters, pairs intact. ``"torch_autocast"`` works too (parameters stay fp32).
+    * ``"bf16": {"enabled": true}`` at stage 0: DeepSpeed wraps the client optimizer in its *unfused*
+      mixed-precision optimizer, which keeps one fp32 master copy per parameter with the parameter's shape —
+      LoRA-Pro steps those masters, pairs intact. ``"fp16"`` takes the same wrapper in DeepSpeed's code but is
+      untested here (DeepSpeed refuses fp16 on CPU). ``"torch_autocast"`` works too (parameters stay fp32).
     * The ZeRO-1 memory saving for LoRA-Pro's own state: ``LoRAProAdamW(model, ..., shard_state=True)`` (see
       :mod:`lorapro.distributed`) splits the state by whole pairs across ranks. For LoRA the trainable factors
       and their gradients are small, so ZeRO-1/2's partitioning of them would save little beyond this.
@@ -50,7 +51,7 @@ __all__ = ["check_deepspeed_config", "initialize", "save_checkpoint", "lorapro_o
 ConfigT = Union[str, Path, Dict[str, Any]]
 
 SUPPORTED_DS = (
-    "LoRA-Pro runs under DeepSpeed with zero_optimization.stage = 0 (fp32, bf16, fp16 or torch_autocast) and "
+    "LoRA-Pro runs under DeepSpeed with zero_optimization.stage = 0 (fp32, bf16 or torch_autocast) and "
     "LoRA-Pro as the client optimizer; for ZeRO-1-style memory savings create it with "
     "LoRAProAdamW(model, ..., shard_state=True). ZeRO stages 1-3 flatten and partition the parameters, which "
     "destroys the (A, B) pairs LoRA-Pro needs, and CPU/NVMe offload requires those stages."

@@ -1,0 +1,72 @@
+"""The Trainer path refuses FSDP and DeepSpeed ZeRO >= 1 when the LoRA-Pro optimizer is requested (no processes)."""
+
+from types import SimpleNamespace
+
+import pytest
+from torch import nn
+
+from lorapro.integrations.deepspeed import check_deepspeed_config
+from lorapro.integrations.distributed import check_trainer_args, lorapro_optimizer_of
+
+
+def args(**kw):
+    base = dict(fsdp=[], deepspeed=None, learning_rate=1e-3, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
+                adam_epsilon=1e-8)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def test_plain_and_stage0_are_accepted(tmp_path, monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    check_trainer_args(args())
+    cfg = tmp_path / "ds.json"
+    cfg.write_text('{"zero_optimization": {"stage": 0}, "bf16": {"enabled": "auto"}}')
+    check_trainer_args(args(deepspeed=str(cfg)))
+    assert check_deepspeed_config({"train_batch_size": 8}) == {"train_batch_size": 8}  # no ZeRO section: stage 0
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_zero_stages_are_refused(stage):
+    with pytest.raises(ValueError, match=f"stage = {stage}.*stage = 0"):
+        check_trainer_args(args(deepspeed={"zero_optimization": {"stage": stage}}))
+
+
+def test_offload_is_refused():
+    with pytest.raises(ValueError, match="offload_param"):
+        check_deepspeed_config({"zero_optimization": {"stage": 0, "offload_param": {"device": "nvme"}}})
+
+
+def test_fsdp_is_refused_from_args_and_from_accelerate_launch(monkeypatch):
+    with pytest.raises(ValueError, match="FSDP.*shard_state=True"):
+        check_trainer_args(args(fsdp=["full_shard", "auto_wrap"]))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="ACCELERATE_USE_FSDP"):
+        check_trainer_args(args())
+
+
+def test_accelerate_launch_deepspeed_stage_from_environment(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    with pytest.raises(ValueError, match="stage = 2"):
+        check_trainer_args(args())
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0")
+    check_trainer_args(args())
+
+
+def test_transformers_factory_runs_the_check():
+    pytest.importorskip("transformers")
+    from lorapro.integrations.transformers import lorapro_optimizer_cls_and_kwargs
+
+    with pytest.raises(ValueError, match="FSDP"):
+        lorapro_optimizer_cls_and_kwargs(nn.Linear(2, 2), args(fsdp="full_shard"))
+
+
+def test_lorapro_optimizer_is_found_inside_wrappers():
+    from dist_toy import make_model, make_opt
+
+    opt = make_opt("full", make_model())
+    wrapped = SimpleNamespace(optimizer=SimpleNamespace(optimizer=opt))  # e.g. accelerate over DeepSpeed's wrapper
+    assert lorapro_optimizer_of(wrapped) is opt
+    assert lorapro_optimizer_of(SimpleNamespace(optimizer=None)) is None
