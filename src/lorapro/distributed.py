@@ -32,8 +32,8 @@ Checkpoints (world-size independent)
     every rank and write rank 0's); ``load_state_dict`` refuses a placeholder. The Hugging Face Trainer path
     consolidates before each checkpoint by itself (:mod:`lorapro.integrations.distributed`).
 
-    Cost: consolidation moves every pair's state to host memory on rank ``to`` (pickled through
-    ``torch.distributed.gather_object``); loading reads the whole file on every rank, then keeps the owned pairs.
+    Cost: consolidation moves every pair's state into host memory on rank ``to`` (one point-to-point transfer
+    per state tensor); loading reads the whole file on every rank, then keeps the owned pairs.
 
 What is refused
     Parameters that are DTensors (FSDP2 ``fully_shard``, tensor parallel) and FSDP1-wrapped models: LoRA-Pro needs
@@ -339,24 +339,46 @@ class StateSharding:
         return out
 
     def consolidate(self, optimizer: torch.optim.Optimizer, to: int = 0) -> None:
-        """Gather every pair's state to rank ``to``. Collective: every rank must call it."""
+        """Gather every pair's state to rank ``to`` (into host memory there). Collective: every rank must call it.
+
+        A small metadata gather (keys, shapes, dtypes, non-tensor values) is followed by one point-to-point
+        transfer per state tensor, so rank ``to`` never holds more than one incoming tensor on the device.
+        """
         if not 0 <= to < self.world_size:
             raise ValueError(f"consolidate_state_dict(to={to}): to must be a rank in [0, {self.world_size}).")
         local = torch.optim.Optimizer.state_dict(optimizer)["state"]
         owners = self._index_owners(optimizer)
-        mine = {
-            i: {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in st.items()}
-            for i, st in local.items()
-            if owners.get(i) == self.rank
+        mine = {i: st for i, st in local.items() if owners.get(i) == self.rank}
+        layout = {
+            i: [(k, ("tensor", tuple(v.shape), str(v.dtype).replace("torch.", "")) if torch.is_tensor(v) else ("value", v))
+                for k, v in sorted(st.items())]
+            for i, st in sorted(mine.items())
         }
-        gathered: Optional[List[Any]] = [None] * self.world_size if self.rank == to else None
-        dist.gather_object(mine, gathered, dst=to)
+        layouts: Optional[List[Any]] = [None] * self.world_size if self.rank == to else None
+        dist.gather_object(layout, layouts, dst=to)
+        device = _collective_device()
         if self.rank != to:
+            for i, st in sorted(mine.items()):
+                for k, v in sorted(st.items()):
+                    if torch.is_tensor(v):
+                        dist.send(v.detach().to(device).contiguous(), dst=to)
             self._consolidated = (self._version, None, to)
             return
-        state: Dict[int, Dict[str, Any]] = {i: st for i, st in local.items() if i not in owners}  # replicated params
-        for part in gathered or []:
-            state.update(part)
+        state: Dict[int, Dict[str, Any]] = {i: st for i, st in local.items() if i not in owners}  # replicated
+        state.update(mine)
+        for src, part in enumerate(layouts or []):
+            if src == to:
+                continue
+            for i, entries in part.items():
+                st = state[i] = {}
+                for k, (kind, *spec) in entries:
+                    if kind == "value":
+                        st[k] = spec[0]
+                        continue
+                    shape, dtype = spec
+                    buf = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+                    dist.recv(buf, src=src)
+                    st[k] = buf.cpu()
         self._consolidated = (self._version, dict(sorted(state.items())), to)
 
     def state_dict(self, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
@@ -370,7 +392,7 @@ class StateSharding:
                 f"{type(optimizer).__name__}(shard_state=True).state_dict(): the LoRA-Pro state is split across "
                 f"{self.world_size} processes. Call optimizer.consolidate_state_dict(to=0) on every rank first (a "
                 "collective, once per checkpoint, after the last step), then state_dict() on rank 0 and save it "
-                "there. With the Hugging Face Trainer, lorapro.integrations.distributed.ShardedStateCallback does "
+                "there. With the Hugging Face Trainer, lorapro.integrations.distributed.ConsolidateStateCallback does "
                 "this for you."
             )
         sd = torch.optim.Optimizer.state_dict(optimizer)
