@@ -92,7 +92,8 @@ def _check_output_dir(cfg: TrainConfig, resuming: bool) -> Path:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir '{out}' exists and is not a directory.")
-    if out.is_dir() and any(out.iterdir()) and not (cfg.overwrite or resuming):
+    # Under torchrun only rank 0 judges: it writes config.yaml into out/ while the other ranks may still be here.
+    if _is_main_process() and out.is_dir() and any(out.iterdir()) and not (cfg.overwrite or resuming):
         raise ConfigError(
             f"output_dir '{out}' is not empty. Choose another output_dir, pass overwrite=true to write into it, or "
             "train.resume_from_checkpoint=latest to continue the run in it."
