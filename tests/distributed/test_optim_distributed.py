@@ -1,6 +1,8 @@
 """2-process (gloo, CPU) tests: DDP and sharded LoRA-Pro state reproduce the single-process run; checkpoints move
 between world sizes. All 2-process scenarios run in one torchrun launch (worker_optim.py)."""
 
+import copy
+import functools
 import json
 
 import pytest
@@ -16,18 +18,25 @@ STEPS, SAVE_AT = 4, 2  # as in worker_optim.py
 TOL = dict(rtol=2e-5, atol=2e-6)  # fp32: the all-reduced mean differs from the one-process mean in the last bits
 
 
-def single_process(kind, steps=STEPS):
+@functools.lru_cache(maxsize=None)
+def _single_process(kind, steps):
     model = make_model()
     opt = make_opt(kind, model)
     train(model, opt, global_batches(STEPS), 0, steps)
-    return model, opt
+    return params_of(model), copy.deepcopy(opt.state_dict())
+
+
+def single_process(kind, steps=STEPS):
+    """(trainable parameters, optimizer state dict) of the one-process run with the global batch (copies)."""
+    params, sd = _single_process(kind, steps)
+    return copy.deepcopy(params), copy.deepcopy(sd)
 
 
 @pytest.fixture(scope="module")
 def two_procs(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    model, opt = single_process("full", SAVE_AT)
-    torch.save({"model": params_of(model), "optim": opt.state_dict()}, out / "ckpt_one.pt")
+    params, sd = single_process("full", SAVE_AT)
+    torch.save({"model": params, "optim": sd}, out / "ckpt_one.pt")
     torchrun([HERE / "worker_optim.py", out, out / "ckpt_one.pt"])
     meta = [json.loads((out / f"meta_rank{r}.json").read_text()) for r in range(2)]
     return out, meta
@@ -53,7 +62,7 @@ def assert_moved(model_params, kind):
 @pytest.mark.parametrize("kind", ["full", "efficient"])
 def test_ddp_two_processes_match_one_process_with_the_global_batch(two_procs, kind):
     out, _ = two_procs
-    want = params_of(single_process(kind)[0])
+    want = single_process(kind)[0]
     assert_moved(want, kind)
     r0, r1 = load(out, f"ddp_{kind}", 0), load(out, f"ddp_{kind}", 1)
     assert_params_close(r0, want, **TOL)
@@ -64,7 +73,7 @@ def test_ddp_two_processes_match_one_process_with_the_global_batch(two_procs, ki
 @pytest.mark.parametrize("kind", ["full", "efficient", "factored", "sgd"])
 def test_sharded_state_matches_one_process(two_procs, kind):
     out, meta = two_procs
-    want = params_of(single_process(kind)[0])
+    want = single_process(kind)[0]
     r0, r1 = load(out, f"sharded_{kind}", 0), load(out, f"sharded_{kind}", 1)
     assert_params_close(r0, want, **TOL)
     assert_params_close(r1, r0, rtol=0, atol=0)  # the broadcast keeps replicas identical
@@ -107,8 +116,7 @@ def test_fsdp2_is_refused_with_a_clear_error(two_procs):
 def test_save_on_two_processes_resume_on_one(two_procs):
     out, _ = two_procs
     ck = torch.load(out / "ckpt_two.pt", weights_only=True)
-    ref_model, ref_opt = single_process("full", SAVE_AT)
-    ref_sd = ref_opt.state_dict()
+    ref_sd = single_process("full", SAVE_AT)[1]
     # the consolidated checkpoint has the unsharded format and content
     assert ck["optim"]["state"].keys() == ref_sd["state"].keys()
     for i, st in ref_sd["state"].items():
@@ -123,13 +131,13 @@ def test_save_on_two_processes_resume_on_one(two_procs):
     opt = make_opt("full", model)
     opt.load_state_dict(ck["optim"])
     train(model, opt, global_batches(STEPS), SAVE_AT, STEPS)
-    assert_params_close(params_of(model), params_of(single_process("full")[0]), **TOL)
+    assert_params_close(params_of(model), single_process("full")[0], **TOL)
 
 
 @pytest.mark.distributed
 def test_save_on_one_process_resume_on_two(two_procs):
     out, _ = two_procs
-    want = params_of(single_process("full")[0])
+    want = single_process("full")[0]
     for rank in (0, 1):
         assert_params_close(load(out, "resumed_from_one", rank), want, **TOL)
 
@@ -138,13 +146,11 @@ def test_save_on_one_process_resume_on_two(two_procs):
 def test_accelerate_launch_sharded_matches_one_process_and_save_state_is_complete(tmp_path):
     pytest.importorskip("accelerate")
     accelerate_launch([HERE / "worker_accelerate.py", tmp_path])
-    ref_model, ref_opt = single_process("full")
-    want = params_of(ref_model)
+    want, ref_sd = single_process("full")
     r0, r1 = (torch.load(tmp_path / f"accelerate_rank{r}.pt", weights_only=True) for r in (0, 1))
     assert_params_close(r0, want, **TOL)
     assert_params_close(r1, r0, rtol=0, atol=0)
     saved = torch.load(tmp_path / "accelerate_state" / "optimizer.bin", weights_only=True)
-    ref_sd = ref_opt.state_dict()
     assert saved["state"].keys() == ref_sd["state"].keys()  # every pair's state, gathered from both ranks
     for i, st in ref_sd["state"].items():
         for k in st:
