@@ -181,7 +181,8 @@ def parse_overrides(cls: Type[Any], overrides: Sequence[str]) -> Dict[str, Any]:
         cursor = out
         for part in parts[:-1]:
             cursor = cursor.setdefault(part, {})
-        cursor[parts[-1]] = _parse_scalar(raw)
+        # A str-typed key takes the text as is: YAML would turn "Q: {question}" into a mapping.
+        cursor[parts[-1]] = raw if hint is str else _parse_scalar(raw)
     return out
 
 

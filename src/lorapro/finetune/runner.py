@@ -56,6 +56,7 @@ class RunResult:
     tokenizer: Any = field(repr=False, default=None)
     train_dataset: Any = field(repr=False, default=None)
     eval_dataset: Any = field(repr=False, default=None)
+    optimizer: Any = field(repr=False, default=None)  # the torch optimizer the Trainer stepped (unwrapped)
 
 
 def _is_main_process() -> bool:
@@ -222,6 +223,14 @@ def _training_arguments(cfg: TrainConfig, out: Path, has_eval: bool) -> Any:
     return TrainingArguments(**kw)
 
 
+def _accuracy(pred: Any) -> dict:
+    """Classification accuracy for the Trainer's evaluation (``eval_accuracy`` in the log)."""
+    import numpy as np
+
+    logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+    return {"accuracy": float((np.argmax(logits, axis=-1) == pred.label_ids).mean())}
+
+
 def run_training(
     cfg: TrainConfig, *, extra_callbacks: Sequence[Any] = (), progress: bool = True, plot: bool = True
 ) -> RunResult:
@@ -314,6 +323,8 @@ def run_training(
         from lorapro.integrations.distributed import ConsolidateStateCallback
 
         callbacks.append(ConsolidateStateCallback())  # complete optimizer state in every checkpoint
+    if cfg.model.task == "seq-cls":
+        trainer_kwargs["compute_metrics"] = _accuracy
     trainer = Trainer(
         model=model,
         args=args,
@@ -327,7 +338,10 @@ def run_training(
     trainer.train(resume_from_checkpoint=resume)
     eval_loss = None
     if eval_ds is not None and len(eval_ds):
-        eval_loss = float(trainer.evaluate()["eval_loss"])
+        metrics = trainer.evaluate()
+        eval_loss = float(metrics["eval_loss"])
+        _say("eval: " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in metrics.items()
+                                  if k in ("eval_loss", "eval_accuracy")))
 
     saved = out / ("adapter" if method.peft else "model")
     trainer.save_model(str(saved))
@@ -354,4 +368,5 @@ def run_training(
     load = (f"PeftModel.from_pretrained(base, '{saved}')" if method.peft
             else f"AutoModel*.from_pretrained('{saved}')")
     _say(f"{what} saved to {saved}  (load with {load}; log {log_path}" + (f", plot {plot_path})" if plot_path else ")"))
-    return RunResult(out, saved, log_path, plot_path, losses, eval_loss, wall, model, tok, train_ds, eval_ds)
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
+    return RunResult(out, saved, log_path, plot_path, losses, eval_loss, wall, model, tok, train_ds, eval_ds, optimizer)
