@@ -37,8 +37,12 @@ def test_prompt_is_the_paper_alpaca_prompt():
         ("results 12,345 and 6", "6"),  # last-number fallback
         ("Answer: 18.00", "18"),  # compared as decimals
         ("We get 50% of the 120 apples, i.e. 60 apples", "60"),
-        ("The answer is: 1,5", "1"),  # "1,5" is not a thousands group
+        ("The answer is 1,500.", "1500"),
+        ("The values are 1,5 and 7,2", "2"),  # "1,5" is not a thousands group: numbers 1, 5, 7, 2
         ("x = 3.14159", "3.14159"),
+        ("The answer is 2 * 1.5 = 3.\n", "3"),  # an expression after the phrase: its result
+        ("The answer is: 4.5 dollars. Later text 9", "4.5"),  # the sentence ends at ". ", not inside 4.5
+        ("Answer: 12\nAnswer: unknown", "12"),  # the last phrase that holds a number
     ],
 )
 def test_extract_answer_tricky_strings(text, expected):

@@ -12,6 +12,7 @@ Submodules are imported lazily so that scoring (``gsm8k``, ``humaneval``, ``sand
 ``mt_bench``       FastChat answer files, single-answer grading through an OpenAI-compatible endpoint
 ``glue``           GLUE loaders, label words, accuracy / Matthews correlation / F1
 ``results``        JSON summary, readable table, side-by-side comparison
+``runner``         ``run_eval(cfg)``: load the model, run one benchmark, write the files
 ``cli``            ``eval_main``, ``score_main``, ``compare_main``
 =================  ==========================================================================================
 """

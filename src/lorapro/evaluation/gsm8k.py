@@ -9,7 +9,8 @@ Predicted answer (:func:`extract_answer`), first rule that matches wins:
 
 1. ``#### N`` (GSM8K's own convention);
 2. ``The answer is: N`` / ``The final answer is N`` / ``Answer: N`` (MetaMathQA ends every solution with
-   ``The answer is: N``), the last such phrase in the text;
+   ``The answer is: N``): the last number of that sentence (``The answer is 2 * 1.5 = 3.`` gives 3), for the
+   last such phrase in the text that holds a number;
 3. ``\\boxed{N}``;
 4. the last number in the text.
 
@@ -55,8 +56,9 @@ _NUM = (
 )
 _NUM_RE = re.compile(_NUM)
 _HASH_RE = re.compile(r"####\s*(" + _NUM + r")")
+# "The answer is ..." up to the end of its sentence: "The answer is 2 * 1.5 = 3." gives 3, its last number.
 _ANSWER_IS_RE = re.compile(
-    r"(?:the\s+(?:final\s+)?answer\s+is|final\s+answer|answer)\s*[:\uff1a]?\s*(?:=\s*)?\**\s*(" + _NUM + r")",
+    r"(?:the\s+(?:final\s+)?answer\s+is|final\s+answer|answer)\s*[:\uff1a]?([^\n]*?)(?:\.(?=\s|$)|\n|$)",
     re.IGNORECASE,
 )
 _BOXED_RE = re.compile(r"\\boxed\{\s*(" + _NUM + r")")
@@ -99,17 +101,27 @@ def extract_gold(solution: str) -> Decimal:
     return value
 
 
-def extract_answer(output: str) -> Optional[Decimal]:
-    """The model's final number (see the module doc for the rules), or ``None`` when there is no number."""
-    for regex in (_HASH_RE, _ANSWER_IS_RE, _BOXED_RE):
-        value = _last(regex, output)
-        if value is not None:
-            return value
-    for m in reversed(list(_NUM_RE.finditer(output))):
+def _last_number(text: str) -> Optional[Decimal]:
+    for m in reversed(list(_NUM_RE.finditer(text))):
         value = parse_number(m.group(0))
         if value is not None:
             return value
     return None
+
+
+def extract_answer(output: str) -> Optional[Decimal]:
+    """The model's final number (see the module doc for the rules), or ``None`` when there is no number."""
+    value = _last(_HASH_RE, output)
+    if value is not None:
+        return value
+    for m in reversed(list(_ANSWER_IS_RE.finditer(output))):  # the last answer phrase that holds a number
+        value = _last_number(m.group(1))
+        if value is not None:
+            return value
+    value = _last(_BOXED_RE, output)
+    if value is not None:
+        return value
+    return _last_number(output)
 
 
 def is_correct(predicted: Optional[Decimal], gold: Decimal) -> bool:
