@@ -155,7 +155,12 @@ def score_main(argv: Optional[Sequence[str]] = None) -> int:
             except ValueError:
                 raise ValueError(f"--k must be comma-separated integers, got {args.k!r}.") from None
             res = evaluate_completions(
-                problems, records, ks=ks, limits=SandboxLimits(timeout_s=args.timeout), workers=args.workers
+                problems,
+                records,
+                ks=ks,
+                limits=SandboxLimits(timeout_s=args.timeout),
+                workers=args.workers,
+                progress=sys.stderr.isatty(),  # the bar goes to stderr; stdout carries only the JSON
             )
             out = {**res["metrics"], "n": len(records), "n_problems": res["n_problems"], "n_problems_in_file": len(problems)}
             out["isolation"] = res["isolation"]
