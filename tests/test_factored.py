@@ -75,7 +75,7 @@ def test_lowrank_ema_is_the_truncated_svd():
         # step 0 starts from zeros; step 1 feeds a rank-deficient g̃ (B = 0, as at PEFT initialisation)
         *_, left, right, g_tilde = _factors(m, n, r, seed=step, zero_B=(step == 1))
         M = R.truncate_rank(0.9 * M + 0.1 * g_tilde, k)
-        P, Q = FF.lowrank_ema(P, Q, left, right, 0.9, k)
+        P, Q = FF.lowrank_ema(torch.cat([P, left], -1), torch.cat([Q, right], -2), 0.9, k)
         torch.testing.assert_close(P[0] @ Q[0], M, rtol=1e-9, atol=1e-11, msg=f"step {step}")
         assert torch.isfinite(P).all() and torch.isfinite(Q).all()
         torch.testing.assert_close(P[0].T @ P[0], Q[0] @ Q[0].T, rtol=1e-8, atol=1e-11)  # balanced factors

@@ -25,7 +25,7 @@ First moment (``first_moment``) — two designs, both factor-sized:
 
 - ``"lowrank"``: a rank-k EMA of g̃ kept as a product ``P·Q`` (P m × k, Q k × n, k = 2r, the rank of g̃):
   ``P·Q ← trunc_k(β1·P·Q + (1 − β1)·g̃)``, where ``trunc_k`` is the best rank-k approximation (truncated SVD),
-  computed from the (k + 2r)-sized Gram matrices of ``[β1·P, (1 − β1)·Lf]`` and ``[Q; Rf]`` in O((m + n)·r²).
+  computed from the (k + 2r)-sized Gram matrices of ``[P, Lf]`` and ``[Q; Rf]`` in O((m + n)·r²).
   Then ``D = diag(a)·(P·Q)/(1 − β1ᵗ)·diag(b)`` — Adam's order: momentum of the gradient, then preconditioning.
 - ``"factor"``: ``D = diag(a)·Lf·Rf·diag(b)`` (no momentum in weight space); D is projected and clipped, and the
   momentum is an EMA of the projected factor steps (ĥ_A, ĥ_B) — Adafactor's order, the way efficient mode keeps
@@ -45,7 +45,7 @@ All functions take a leading batch dimension (the layers of one shape) and work 
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -64,19 +64,25 @@ FIRST_MOMENTS = ("lowrank", "factor")
 Tensor = torch.Tensor
 
 
-def square_sums(left: Tensor, right: Tensor) -> Tuple[Tensor, Tensor]:
+def square_sums(
+    left: Tensor, right: Tensor, ltl: Optional[Tensor] = None, rrt: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
     """Row and column sums of ``(left @ right)²`` without forming the product.
 
     ``row_i = (left (right rightᵀ) leftᵀ)_ii`` and ``col_j = (rightᵀ (leftᵀ left) right)_jj``.
 
     Args:
         left: (L, m, p); right: (L, p, n).
+        ltl, rrt: ``leftᵀleft`` and ``right rightᵀ`` (L, p, p) if already computed (they are blocks of the Gram
+            matrices :func:`lowrank_ema` needs).
 
     Returns:
         (row (L, m), col (L, n)), clamped at 0 against round-off.
     """
-    rrt = right @ right.transpose(-1, -2)  # (L, p, p)
-    ltl = left.transpose(-1, -2) @ left  # (L, p, p)
+    if rrt is None:
+        rrt = right @ right.transpose(-1, -2)
+    if ltl is None:
+        ltl = left.transpose(-1, -2) @ left
     row = ((left @ rrt) * left).sum(-1)
     col = ((ltl @ right) * right).sum(-2)
     return row.clamp_min_(0.0), col.clamp_min_(0.0)
@@ -124,40 +130,49 @@ def project(left: Tensor, right: Tensor, A: Tensor, B: Tensor, scaling: Tensor) 
 
 
 def lowrank_ema(
-    P: Tensor, Q: Tensor, left: Tensor, right: Tensor, beta1: float, rank: int, rtol: float = 1e-12
+    Lc: Tensor, Rc: Tensor, beta1: float, rank: int, lc_gram: Optional[Tensor] = None,
+    rc_gram: Optional[Tensor] = None, rtol: float = 1e-12,
 ) -> Tuple[Tensor, Tensor]:
     """Rank-``rank`` EMA in factored form: ``P'·Q' = trunc_rank(β1·P·Q + (1 − β1)·left·right)``.
 
-    With ``Lc = [β1·P, (1 − β1)·left]`` (m × p) and ``Rc = [Q; right]`` (p × n), p = rank + 2r:
-    ``LcᵀLc = W₁ diag(λ₁) W₁ᵀ`` and ``Rc Rcᵀ = W₂ diag(λ₂) W₂ᵀ`` give ``Lc·Rc = Q₁·C·Q₂ᵀ`` with orthonormal
-    Q₁, Q₂ and the p × p core ``C = diag(√λ₁) W₁ᵀ W₂ diag(√λ₂)``. With ``C = U Σ Vᵀ`` (top ``rank`` triplets)::
+    The inputs are concatenated, ``Lc = [P, left]`` (m × p) and ``Rc = [Q; right]`` (p × n), so the new EMA is
+    ``Lc·W·Rc`` with the diagonal weights ``W = diag(β1·1_rank, (1 − β1)·1_(p − rank))``. From the Gram matrices
+    ``LcᵀLc = U₁ diag(λ₁) U₁ᵀ`` and ``Rc Rcᵀ = U₂ diag(λ₂) U₂ᵀ``, ``Lc·W·Rc = Q₁·C·Q₂ᵀ`` with orthonormal Q₁, Q₂
+    and the p × p core ``C = diag(√λ₁) U₁ᵀ W U₂ diag(√λ₂)``. With ``C ≈ U Σ Vᵀ`` (its top ``rank`` triplets)::
 
-        P' = Lc·W₂·diag(√λ₂)·V·Σ^(−1/2),     Q' = Σ^(−1/2)·Uᵀ·diag(√λ₁)·W₁ᵀ·Rc
+        P' = Lc·W·U₂·diag(√λ₂)·V·Σ^(−1/2),     Q' = Σ^(−1/2)·Uᵀ·diag(√λ₁)·U₁ᵀ·W·Rc
 
-    so ``P'·Q' = Q₁ U Σ Vᵀ Q₂ᵀ`` (the truncated SVD) and ``P'ᵀP' = Q'Q'ᵀ = Σ`` (balanced factors). No division by a
-    Gram eigenvalue occurs; singular values below ``rtol·σ_max`` are dropped (their columns set to 0), which is what
-    makes the first step (P = Q = 0) and rank-deficient g̃ (B = 0 at PEFT init) exact.
+    so ``P'·Q' = Q₁ U Σ Vᵀ Q₂ᵀ`` (the truncated SVD, Eckart–Young) and ``P'ᵀP' = Q'Q'ᵀ = Σ`` (balanced factors).
+    No division by a Gram eigenvalue occurs; singular values below ``rtol·σ_max`` are dropped (their columns set
+    to 0), which keeps the first step (P = Q = 0) and a rank-deficient g̃ (B = 0 at PEFT init) exact.
+    Cost O((m + n)·p²) — p = rank + 2r — all in matrix products; the SVD is p × p.
 
     Args:
-        P: (L, m, rank); Q: (L, rank, n) — the current EMA (zeros at the start).
-        left: (L, m, 2r); right: (L, 2r, n) — the new g̃ = left·right.
+        Lc: (L, m, p) = [P, left]; Rc: (L, p, n) = [Q; right], with P (L, m, rank), Q (L, rank, n).
         beta1: EMA coefficient.
-        rank: the kept rank k.
+        rank: the kept rank (the width of P).
+        lc_gram, rc_gram: ``LcᵀLc`` and ``Rc Rcᵀ`` if already computed.
 
     Returns:
-        (P', Q') with the shapes of (P, Q).
+        (P', Q') of shapes (L, m, rank), (L, rank, n).
     """
-    Lc = torch.cat([beta1 * P, (1.0 - beta1) * left], dim=-1)
-    Rc = torch.cat([Q, right], dim=-2)
-    lam1, W1 = torch.linalg.eigh(Lc.transpose(-1, -2) @ Lc)
-    lam2, W2 = torch.linalg.eigh(Rc @ Rc.transpose(-1, -2))
+    p = Lc.shape[-1]
+    if lc_gram is None:
+        lc_gram = Lc.transpose(-1, -2) @ Lc
+    if rc_gram is None:
+        rc_gram = Rc @ Rc.transpose(-1, -2)
+    w = torch.full((p,), 1.0 - beta1, dtype=Lc.dtype, device=Lc.device)
+    w[:rank] = beta1
+    lam1, U1 = torch.linalg.eigh(lc_gram)
+    lam2, U2 = torch.linalg.eigh(rc_gram)
     sq1 = lam1.clamp_min(0.0).sqrt()
     sq2 = lam2.clamp_min(0.0).sqrt()
-    core = sq1.unsqueeze(-1) * (W1.transpose(-1, -2) @ W2) * sq2.unsqueeze(-2)
+    wU2 = w.unsqueeze(-1) * U2  # W·U₂
+    core = sq1.unsqueeze(-1) * (U1.transpose(-1, -2) @ wU2) * sq2.unsqueeze(-2)
     U, sigma, Vh = torch.linalg.svd(core)
     U, sigma, Vh = U[..., :rank], sigma[..., :rank], Vh[..., :rank, :]
     keep = sigma > rtol * sigma[..., :1]
     inv_sqrt = torch.where(keep, sigma.clamp_min(torch.finfo(sigma.dtype).tiny).rsqrt(), torch.zeros_like(sigma))
-    right_map = (W2 * sq2.unsqueeze(-2)) @ (Vh.transpose(-1, -2) * inv_sqrt.unsqueeze(-2))  # (L, p, rank)
-    left_map = (inv_sqrt.unsqueeze(-1) * U.transpose(-1, -2) * sq1.unsqueeze(-2)) @ W1.transpose(-1, -2)  # (L, rank, p)
+    right_map = (wU2 * sq2.unsqueeze(-2)) @ (Vh.transpose(-1, -2) * inv_sqrt.unsqueeze(-2))  # (L, p, rank)
+    left_map = ((inv_sqrt.unsqueeze(-1) * U.transpose(-1, -2) * sq1.unsqueeze(-2)) @ U1.transpose(-1, -2)) * w
     return Lc @ right_map, left_map @ Rc

@@ -559,9 +559,8 @@ class LoRAProAdamW(_LoRAProBase):
         first, clip = group["first_moment"], group["clip_threshold"]
         _, A0, B0, _ = bucket[0]
         m, r, n = B0.shape[0], A0.shape[0], A0.shape[1]
+        k = 2 * r  # rank of the first-moment EMA = rank of g̃
         dev, cdt = A0.device, self.compute_dtype
-        left, right = F.equivalent_gradient_factors(grams, gA, gB, s)  # g̃ = left @ right
-        row, col = FF.square_sums(left, right)
         bc1 = torch.empty(len(bucket), dtype=torch.float64)
         bc2 = torch.empty(len(bucket), dtype=torch.float64)
         sts = []
@@ -572,16 +571,31 @@ class LoRAProAdamW(_LoRAProBase):
                 st["exp_avg_sq_row"] = torch.zeros(m, dtype=sdt, device=dev)
                 st["exp_avg_sq_col"] = torch.zeros(n, dtype=sdt, device=dev)
                 if first == "lowrank":
-                    st["exp_avg_left"] = torch.zeros(m, 2 * r, dtype=sdt, device=dev)
-                    st["exp_avg_right"] = torch.zeros(2 * r, n, dtype=sdt, device=dev)
+                    st["exp_avg_left"] = torch.zeros(m, k, dtype=sdt, device=dev)
+                    st["exp_avg_right"] = torch.zeros(k, n, dtype=sdt, device=dev)
                 else:
                     st["exp_avg"] = torch.zeros(r, n, dtype=sdt, device=dev)
                     self.state[b]["exp_avg"] = torch.zeros(m, r, dtype=self._state_dtype_for(b), device=dev)
             t = _new_step(st)
             bc1[i], bc2[i] = 1.0 - beta1**t, 1.0 - beta2**t
+            sts.append(st)
+        left, right = F.equivalent_gradient_factors(grams, gA, gB, s)  # g̃ = left @ right
+        if first == "lowrank":
+            # [P, left] and [Q; right] side by side: their Gram matrices serve the truncation and the square sums
+            Lc = torch.empty(len(bucket), m, 2 * k, dtype=cdt, device=dev)
+            Rc = torch.empty(len(bucket), 2 * k, n, dtype=cdt, device=dev)
+            for i, st in enumerate(sts):
+                Lc[i, :, :k].copy_(st["exp_avg_left"])
+                Rc[i, :k].copy_(st["exp_avg_right"])
+            Lc[:, :, k:].copy_(left)
+            Rc[:, k:].copy_(right)
+            lc_gram, rc_gram = Lc.transpose(-1, -2) @ Lc, Rc @ Rc.transpose(-1, -2)
+            row, col = FF.square_sums(left, right, ltl=lc_gram[:, k:, k:], rrt=rc_gram[:, k:, k:])
+        else:
+            row, col = FF.square_sums(left, right)
+        for i, st in enumerate(sts):
             st["exp_avg_sq_row"].mul_(beta2).add_(row[i].to(st["exp_avg_sq_row"].dtype), alpha=1.0 - beta2)
             st["exp_avg_sq_col"].mul_(beta2).add_(col[i].to(st["exp_avg_sq_col"].dtype), alpha=1.0 - beta2)
-            sts.append(st)
         inv_bc2 = (1.0 / bc2).to(device=dev, dtype=cdt).unsqueeze(-1)
         a_vec, b_vec = FF.preconditioner(
             torch.stack([st["exp_avg_sq_row"] for st in sts]).to(cdt) * inv_bc2,
@@ -590,15 +604,12 @@ class LoRAProAdamW(_LoRAProBase):
         )
         inv_bc1 = (1.0 / bc1).to(device=dev, dtype=cdt)
         if first == "lowrank":
-            P, Q = FF.lowrank_ema(
-                torch.stack([st["exp_avg_left"] for st in sts]).to(cdt),
-                torch.stack([st["exp_avg_right"] for st in sts]).to(cdt),
-                left, right, beta1, 2 * r,
-            )
+            P, Q = FF.lowrank_ema(Lc, Rc, beta1, k, lc_gram, rc_gram)
             for i, st in enumerate(sts):
                 st["exp_avg_left"].copy_(P[i])
                 st["exp_avg_right"].copy_(Q[i])
-            d_left, d_right = FF.scale_factors(P * inv_bc1.view(-1, 1, 1), Q, a_vec, b_vec)
+            # D = diag(a)·P·Q·diag(b) / (1 − β1ᵗ)
+            d_left, d_right = FF.scale_factors(P, Q, a_vec * inv_bc1.unsqueeze(-1), b_vec)
         else:
             d_left, d_right = FF.scale_factors(left, right, a_vec, b_vec)
         # Adafactor's update clipping: D ← D / max(1, RMS(D)/d), a per-layer factor kept on the device
