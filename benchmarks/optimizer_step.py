@@ -122,6 +122,8 @@ RATIOS: List[Tuple[str, str, str, float, str]] = [
     ("lorapro_full", "adamw_full_weight", "<=", 1.0, "LoRA-Pro full / AdamW full-weight"),
     ("lorapro_efficient", "adamw_factors", "<=", 3.0, "LoRA-Pro efficient / AdamW on factors"),
     ("lorapro_efficient_fp32", "adamw_factors", "<=", 3.0, "LoRA-Pro efficient (float32 compute) / AdamW on factors"),
+    ("lorapro_factored", "adamw_factors", "<=", 3.0, "LoRA-Pro factored / AdamW on factors"),
+    ("lorapro_factored_fp32", "adamw_factors", "<=", 3.0, "LoRA-Pro factored (float32 compute) / AdamW on factors"),
     ("authors_full", "lorapro_full", ">=", 10.0, "authors' formulation / LoRA-Pro full"),
 ]
 
@@ -189,6 +191,16 @@ def _setup_lorapro_efficient(cfg: BenchConfig) -> Prepared:
 @register("lorapro_efficient_fp32", "LoRA-Pro efficient, `compute_dtype=torch.float32`")
 def _setup_lorapro_efficient_fp32(cfg: BenchConfig) -> Prepared:
     return _lorapro_case(cfg, mode="efficient", betas=BETAS, eps=EPS, compute_dtype=torch.float32)
+
+
+@register("lorapro_factored", "LoRA-Pro factored (`mode=\"factored\"`)")
+def _setup_lorapro_factored(cfg: BenchConfig) -> Prepared:
+    return _lorapro_case(cfg, mode="factored", betas=BETAS, eps=EPS)
+
+
+@register("lorapro_factored_fp32", "LoRA-Pro factored, `compute_dtype=torch.float32`")
+def _setup_lorapro_factored_fp32(cfg: BenchConfig) -> Prepared:
+    return _lorapro_case(cfg, mode="factored", betas=BETAS, eps=EPS, compute_dtype=torch.float32)
 
 
 @register("lorapro_sgd", "LoRA-Pro SGD (`LoRAProSGD`, no momentum)")
