@@ -400,11 +400,14 @@ def run(cfg: BenchConfig, keys: Sequence[str], rounds: int, warmup: int = 1,
         t0 = time.perf_counter()
         before = memory_in_use(cfg.device)
         prepared[k] = p = CASES[k].setup(cfg)
+        durations = []
         for _ in range(warmup):  # allocates the lazily created state, warms caches and kernels
-            p.step()
+            durations.append(timed_step(p, cfg.device))
         t1 = time.perf_counter()
-        peak = step_peak_memory(p, cfg.device)  # a warm step: its duration also sizes the rounds
-        inner = max(1, min(MAX_INNER, int(TARGET_ROUND_S / (time.perf_counter() - t1))))
+        peak = step_peak_memory(p, cfg.device)  # a warm step
+        durations.append(time.perf_counter() - t1)
+        # steps per round from the fastest step so far (one step stalled by another process must not decide it)
+        inner = max(1, min(MAX_INNER, int(TARGET_ROUND_S / min(durations))))
         state = p.state_bytes()
         other = None if peak is None or before is None else max(0, peak - before - tensor_bytes(p.params) - state)
         results[k] = Result(k, CASES[k].label, [], state, other, inner)

@@ -1,7 +1,7 @@
-"""Full mode walks the m × n moments in blocks of rows on CPU (lorapro.optim._CPU_BLOCK_ELEMS). The tiny models of
-test_optim.py fit in one block, so here the block is made small enough to cut the matrices into many blocks
-(including a ragged last one) and the result is compared with the one-block run, which test_optim.py checks
-against the float64 reference."""
+"""Full mode walks the m × n moments in blocks of rows on a single CPU thread (lorapro.optim._CPU_BLOCK_ELEMS). The
+tiny models of test_optim.py fit in one block, so here the block is made small enough to cut the matrices into
+many blocks (including a ragged last one) and the result is compared with the one-block run, which
+test_optim.py checks against the float64 reference."""
 
 import pytest
 import torch
@@ -18,6 +18,14 @@ def _pairs(dtype, seed=0):
         B = torch.nn.Parameter((0.3 * torch.randn(m, r, generator=g, dtype=torch.float64)).to(dtype))
         out.append((A, B, s))
     return out
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # blocks are used on one CPU thread only
+    yield
+    torch.set_num_threads(threads)
 
 
 def _run(monkeypatch, block_elems, dtype, steps=4, **kw):

@@ -161,9 +161,12 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-# Full mode walks the m × n moments in blocks of rows of about this many elements on CPU (4 MiB in fp32): the
-# dozen passes of the Adam update then run in cache, and no m × n temporary is allocated (on CPU, faulting in a
-# fresh 180 MB buffer costs as much as the arithmetic). On accelerators a block is the whole matrix.
+# Full mode walks the m × n moments in blocks of rows of about this many elements on a single CPU thread (4 MiB
+# in fp32): the dozen passes of the Adam update then run in cache, and no m × n temporary is allocated (faulting
+# in a fresh 180 MB buffer can cost as much as the arithmetic). With an intra-op thread pool each extra op is one
+# more synchronisation of the pool — ruinous when other processes share the cores (measured: 4-14 s instead of
+# 0.4 s per step with 2 threads on 2 busy cores) — and on accelerators it is a kernel launch: there a block is
+# the whole matrix.
 _CPU_BLOCK_ELEMS = 1 << 20
 
 
@@ -488,7 +491,8 @@ class LoRAProAdamW(_LoRAProBase):
         left, right = left.to(wdt), right.to(wdt)
         A_w, B_w = grams.A.to(wdt), grams.B.to(wdt)
         m, n = B0.shape[0], A0.shape[1]
-        rows = m if A0.device.type != "cpu" else max(1, min(m, _CPU_BLOCK_ELEMS // n))
+        single_thread_cpu = A0.device.type == "cpu" and torch.get_num_threads() == 1
+        rows = max(1, min(m, _CPU_BLOCK_ELEMS // n)) if single_thread_cpu else m
         scratch = torch.empty(rows, n, dtype=wdt, device=A0.device)  # the only temporary of the m × n work
         uA = torch.zeros_like(A_w)
         uB = torch.empty_like(B_w)
