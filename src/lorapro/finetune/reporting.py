@@ -149,7 +149,7 @@ def plot_losses(
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"{label} (train)", linewidth=1.4)
     for label, pts in (eval_curves or {}).items():
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "--o", label=f"{label} (eval)", markersize=3)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "--o", label=f"{label} (eval)", markersize=5)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title(title)
