@@ -323,6 +323,23 @@ def test_state_dtype_bfloat16_option():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_float32_compute_dtype_close_to_float64():
+    # compute_dtype=torch.float32 (the faster setting on CPU) follows the float64 run closely over several steps
+    runs = []
+    for cdt in (torch.float64, torch.float32):
+        model = make_model(dtype=torch.float32)
+        opt = LoRAProAdamW(model, lr=1e-2, mode="factored", compute_dtype=cdt)
+        for b in batches(4, dtype=torch.float32):
+            opt.zero_grad()
+            backward(model, b)
+            opt.step()
+        runs.append([p.detach().clone() for p in lora_pairs(model) for p in (p.A, p.B)])
+    init = [p.detach() for p in lora_pairs(make_model(dtype=torch.float32)) for p in (p.A, p.B)]
+    for p64, p32, p0 in zip(*runs, init):
+        assert (p64 - p0).abs().max() > 1e-3  # the factors moved
+        torch.testing.assert_close(p32, p64, rtol=1e-4, atol=1e-5)
+
+
 def test_load_rejects_other_mode():
     model = make_model()
     opt = LoRAProAdamW(model, mode="factored")
