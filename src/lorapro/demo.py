@@ -121,6 +121,18 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _started_as_command() -> bool:
+    """True when this process is the ``lorapro`` command or ``python -m lorapro.demo`` / ``lorapro.cli`` — never
+    when ``main`` is called from other code (a test runner, a notebook), whose process must not be replaced."""
+    import lorapro.cli
+
+    started = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    if started is None:
+        return False
+    ours = {Path(__file__).resolve(), Path(lorapro.cli.__file__).resolve()}
+    return started in ours or started.name == "lorapro"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="lorapro demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=20, help="optimizer steps per method (default 20, batch 4)")
@@ -134,14 +146,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=256, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
-    if "OMP_WAIT_POLICY" not in os.environ and not args.model.startswith("builtin:"):
-        # On a CPU shared with other processes, OpenMP's default busy-waiting makes every step several times slower
-        # (measured 5.4 s vs 20-40 s per SmolLM2 step on 2 loaded cores). The policy is read when torch loads
-        # OpenMP, which has already happened, so start again with it set (same interpreter, same arguments).
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        sys.stdout.flush()
-        os.execv(sys.executable, [sys.executable, "-m", "lorapro.demo", *(sys.argv[1:] if argv is None else argv)])
-
     from lorapro.finetune.methods import METHODS
     from lorapro.finetune.reporting import plot_losses
     from lorapro.finetune.runner import run_training
@@ -152,6 +156,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if unknown:
         print(f"lorapro demo: unknown method(s) {unknown}; choose from {', '.join(METHODS)}", file=sys.stderr)
         return 2
+    if "OMP_WAIT_POLICY" not in os.environ and not args.model.startswith("builtin:") and _started_as_command():
+        # On a CPU shared with other processes, OpenMP's default busy-waiting makes every step several times slower
+        # (measured 5.4 s vs 20-40 s per SmolLM2 step on 2 loaded cores). The policy is read when torch loads
+        # OpenMP, which has already happened, so start again with it set (same interpreter, same arguments).
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "lorapro.demo", *(sys.argv[1:] if argv is None else argv)])
     out = Path(args.output_dir)
     t0 = time.perf_counter()
     try:

@@ -48,3 +48,8 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
 def test_demo_rejects_unknown_method(capsys):
     assert demo.main(["--methods", "lora,lora-prp"]) == 2
     assert "unknown method" in capsys.readouterr().err
+
+
+def test_demo_never_replaces_a_calling_process():
+    """main() re-executes itself with OMP_WAIT_POLICY set only when it *is* the command, never under a caller."""
+    assert demo._started_as_command() is False
