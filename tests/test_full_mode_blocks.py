@@ -1,7 +1,7 @@
-"""Full mode walks the m × n moments in blocks of rows on a single CPU thread (lorapro.optim._CPU_BLOCK_ELEMS). The
-tiny models of test_optim.py fit in one block, so here the block is made small enough to cut the matrices into
-many blocks (including a ragged last one) and the result is compared with the one-block run, which
-test_optim.py checks against the float64 reference."""
+"""Full mode walks the m × n moments in blocks of rows on CPU (lorapro.optim._CPU_BLOCK_ELEMS; on one thread or
+with OMP_WAIT_POLICY=PASSIVE). The tiny models of test_optim.py fit in one block, so here the block is made small
+enough to cut the matrices into many blocks (including a ragged last one) and the result is compared with the
+one-block run, which test_optim.py checks against the float64 reference."""
 
 import pytest
 import torch
@@ -23,7 +23,7 @@ def _pairs(dtype, seed=0):
 @pytest.fixture(autouse=True)
 def single_thread():
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # blocks are used on one CPU thread only
+    torch.set_num_threads(1)  # blocks are used on one CPU thread (or with passive OpenMP waiting)
     yield
     torch.set_num_threads(threads)
 

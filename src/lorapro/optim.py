@@ -12,6 +12,7 @@ Optimized?", ICLR 2025, arXiv 2407.18242.
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -161,13 +162,17 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-# Full mode walks the m × n moments in blocks of rows of about this many elements on a single CPU thread (4 MiB
-# in fp32): the dozen passes of the Adam update then run in cache, and no m × n temporary is allocated (faulting
-# in a fresh 180 MB buffer can cost as much as the arithmetic). With an intra-op thread pool each extra op is one
-# more synchronisation of the pool — ruinous when other processes share the cores (measured: 4-14 s instead of
-# 0.4 s per step with 2 threads on 2 busy cores) — and on accelerators it is a kernel launch: there a block is
-# the whole matrix.
+# Full mode walks the m × n moments in blocks of rows of about this many elements on CPU (4 MiB in fp32): the
+# dozen passes of the Adam update then run in cache, and no m × n temporary is allocated (faulting in a fresh
+# 180 MB buffer can cost as much as the arithmetic). Each extra op is one more synchronisation of the intra-op
+# thread pool, whose idle threads busy-wait by default — ruinous when other processes share the cores (measured
+# with 2 threads on 2 busy cores: 2.4-14 s per step instead of 0.43 s with OMP_WAIT_POLICY=PASSIVE) — so blocks
+# are used on one thread or with passive waiting; otherwise, and on accelerators, a block is the whole matrix.
 _CPU_BLOCK_ELEMS = 1 << 20
+
+
+def _cpu_blocks_pay_off() -> bool:
+    return torch.get_num_threads() == 1 or os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
 
 
 class _LoRAProBase(Optimizer):
@@ -491,8 +496,8 @@ class LoRAProAdamW(_LoRAProBase):
         left, right = left.to(wdt), right.to(wdt)
         A_w, B_w = grams.A.to(wdt), grams.B.to(wdt)
         m, n = B0.shape[0], A0.shape[1]
-        single_thread_cpu = A0.device.type == "cpu" and torch.get_num_threads() == 1
-        rows = max(1, min(m, _CPU_BLOCK_ELEMS // n)) if single_thread_cpu else m
+        blocks = A0.device.type == "cpu" and _cpu_blocks_pay_off()
+        rows = max(1, min(m, _CPU_BLOCK_ELEMS // n)) if blocks else m
         scratch = torch.empty(rows, n, dtype=wdt, device=A0.device)  # the only temporary of the m × n work
         uA = torch.zeros_like(A_w)
         uB = torch.empty_like(B_w)
