@@ -132,3 +132,37 @@ def test_seq_cls_and_seq2seq_tasks(tmp_path, capture_runs):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, cls.model(input_ids=ids).logits)
     assert math.isfinite(s2s.train_losses[-1][1])
+
+
+def test_bf16_autocast_and_bf16_base_weights(tmp_path, add_data, capture_runs):
+    """train.bf16 (autocast) with the base loaded in bfloat16: LoRA factors stay fp32 (PEFT), the run is finite."""
+    rc, _ = _train(tmp_path, add_data, "lora-pro", "train.bf16=true", "model.dtype=bfloat16")
+    assert rc == 0
+    (run,) = capture_runs
+    assert all(math.isfinite(l) for _, l in run.train_losses)
+    dtypes = {n.split(".")[-2]: p.dtype for n, p in run.model.named_parameters() if "lora_" in n}
+    assert set(dtypes.values()) == {torch.float32}
+    assert run.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
+
+
+def test_hub_dataset_names_go_through_datasets_load_dataset(tmp_path, monkeypatch):
+    """A name that is not a local file is read with datasets.load_dataset(name, config, split=...)."""
+    import sys
+    import types
+
+    from lorapro.finetune.data import DataError, read_records
+
+    calls = []
+    fake = types.ModuleType("datasets")
+
+    def load_dataset(name, config=None, split=None):
+        calls.append((name, config, split))
+        return [{"sentence": "fine", "label": 1}]
+
+    fake.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    assert list(read_records("nyu-mll/glue", split="validation", hub_config="sst2")) == [{"sentence": "fine", "label": 1}]
+    assert calls == [("nyu-mll/glue", "sst2", "validation")]
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    with pytest.raises(DataError, match="pip install datasets"):
+        read_records("meta-math/MetaMathQA")

@@ -209,6 +209,9 @@ def _training_arguments(cfg: TrainConfig, out: Path, has_eval: bool) -> Any:
         use_cpu=world > 1 and not torch.cuda.is_available(),
         log_level="warning",
     )
+    mps = getattr(torch.backends, "mps", None)
+    if t.bf16 and not torch.cuda.is_available() and not (mps is not None and mps.is_available()):
+        kw["use_cpu"] = True  # the Trainer only allows bf16 autocast on CPU when told it runs on the CPU
     if cfg.model.gradient_checkpointing:
         kw["gradient_checkpointing"] = True
         kw["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
@@ -253,6 +256,7 @@ def run_training(
     train_ds, eval_ds, data_summary = build_datasets(cfg.data, cfg.model.task, tok)
     collator = PadCollator(tok.pad_token_id)
     lora_config = _lora_config(cfg, method) if method.peft else None
+    args = _training_arguments(cfg, out, eval_ds is not None)
 
     out.mkdir(parents=True, exist_ok=True)
     if _is_main_process():
@@ -284,7 +288,6 @@ def run_training(
     n_all = sum(p.numel() for p in model.parameters())
     _say(f"method {method.name}: {method.description}; trainable parameters {n_train:,} / {n_all:,}")
 
-    args = _training_arguments(cfg, out, eval_ds is not None)
     trainer_kwargs: dict = {}
     if method.optimizer == "lorapro":
         from lorapro.integrations.transformers import lorapro_optimizer_cls_and_kwargs
