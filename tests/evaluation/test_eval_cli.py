@@ -92,7 +92,7 @@ def test_eval_gsm8k_end_to_end_with_the_tiny_model(tmp_path):
     assert {"prompt", "output", "extracted", "gold", "correct"} <= set(rows[0])
     gold = [json.loads(l)["answer"].rsplit("####", 1)[1].strip() for l in (SHARED / "gsm8k" / "test.jsonl").read_text().splitlines()[:3]]
     assert [r_["gold"] for r_ in rows] == [g.replace(",", "") for g in gold]
-    assert rows[0]["prompt"].startswith("Below is an instruction") and rows[0]["prompt"].endswith("### Response:")
+    assert rows[0]["prompt"].startswith("Below is an instruction") and rows[0]["prompt"].endswith("### Response:\n")
     assert summary["metrics"]["accuracy"] == pytest.approx(sum(r_["correct"] for r_ in rows) / 3)
     assert summary["config"]["generation"]["do_sample"] is False
 

@@ -15,7 +15,7 @@ def test_prompt_is_the_paper_alpaca_prompt():
     p = gsm8k.build_prompt("What is 2+2?")
     assert p == (
         "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-        "\n\n### Instruction:\nWhat is 2+2?\n\n### Response:"
+        "\n\n### Instruction:\nWhat is 2+2?\n\n### Response:\n"
     )
 
 

@@ -136,8 +136,8 @@ def test_answer_record_has_fastchat_fields():
 def test_conversation_prompt_alpaca_turns():
     p1 = mt.conversation_prompt(["Q1"], [])
     p2 = mt.conversation_prompt(["Q1", "Q2"], ["A1"])
-    assert p1 == mt.ALPACA_HEADER + "\n\n### Instruction:\nQ1\n\n### Response:"
-    assert p2 == p1 + "\nA1\n\n### Instruction:\nQ2\n\n### Response:"
+    assert p1 == mt.ALPACA_HEADER + "\n\n### Instruction:\nQ1\n\n### Response:\n"
+    assert p2 == p1 + "A1\n\n### Instruction:\nQ2\n\n### Response:\n"
 
 
 # -------------------------------------------------------------------------------------------- judge prompts

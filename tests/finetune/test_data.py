@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from lorapro.finetune.data import (
-    ALPACA_NO_INPUT,
     DataError,
     DataSpec,
     PadCollator,
@@ -138,8 +137,10 @@ def test_alpaca_no_input_template_and_prompt_masking():
     spec = DataSpec(task="causal-lm", template="alpaca", prompt_field="query", response_field="response",
                     max_tokens=10_000)
     prompt = format_prompt(rec, template="alpaca", prompt_field="query")
-    assert prompt == ALPACA_NO_INPUT.format(instruction="What is 2+2?")
-    assert prompt.startswith("Below is an instruction that describes a task.") and prompt.endswith("### Response:\n")
+    assert prompt == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\nWhat is 2+2?\n\n### Response:\n"
+    )
     ex = encode_record(rec, spec, TOK)
     n_prompt = len(prompt.encode())
     assert ex["input_ids"] == list(TOK(prompt + " 4")["input_ids"]) + [TOK.eos_token_id]

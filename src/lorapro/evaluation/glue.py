@@ -23,9 +23,10 @@ from __future__ import annotations
 import csv
 import math
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from ..prompts import GLUE_TASKS, GlueTask, glue_prompt
 
 __all__ = [
     "GlueTask",
@@ -40,35 +41,8 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class GlueTask:
-    name: str
-    instruction: str
-    label_words: Tuple[str, ...]  # index = label id
-    pair: bool
-    metrics: Tuple[str, ...]  # the first one is the task's headline metric
-
-
-TASKS: Dict[str, GlueTask] = {
-    "sst2": GlueTask("sst2", "classify the sentiment of the text: ", ("negative", "positive"), False, ("accuracy",)),
-    "cola": GlueTask(
-        "cola",
-        "classify the grammaticality of the text: ",
-        ("unacceptable", "acceptable"),
-        False,
-        ("matthews_corrcoef", "accuracy"),
-    ),
-    "mrpc": GlueTask(
-        "mrpc", "classify the semantic similarity of the text: ", ("different", "equivalent"), True, ("f1", "accuracy")
-    ),
-    "qnli": GlueTask(
-        "qnli",
-        "classify the semantic similarity of the question and the sentence: ",
-        ("entailment", "not_entailment"),
-        True,
-        ("accuracy",),
-    ),
-}
+# The tasks' instructions and label words are shared with the training recipes (lorapro.prompts).
+TASKS: Dict[str, GlueTask] = GLUE_TASKS
 
 
 def _task(name: str) -> GlueTask:
@@ -117,8 +91,8 @@ def text_input(task: str, example: Dict[str, Any]) -> str:
     """The text-to-text input of an example (LoRA-GA / LoRA-Pro format)."""
     t = _task(task)
     if t.pair:
-        return f"{t.instruction}{example['text_a']}\n{example['text_b']}\nresult: "
-    return f"{t.instruction}{example['text_a']}\nresult: "
+        return glue_prompt(t, example["text_a"], example["text_b"])
+    return glue_prompt(t, example["text_a"])
 
 
 def label_from_text(text: str, label_words: Sequence[str]) -> int:

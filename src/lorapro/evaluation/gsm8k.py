@@ -28,6 +28,8 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
+from ..prompts import ALPACA_NO_INPUT
+
 __all__ = [
     "PROMPT_TEMPLATE",
     "DEFAULT_STOP",
@@ -40,10 +42,8 @@ __all__ = [
     "score_records",
 ]
 
-PROMPT_TEMPLATE = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{question}\n\n### Response:"
-)
+# The Alpaca prompt that `lorapro train` trains on (lorapro.prompts), with the question as the instruction.
+PROMPT_TEMPLATE = ALPACA_NO_INPUT.replace("{instruction}", "{question}")
 
 # A model trained on Alpaca-format data may start a new example after its answer; cut there.
 DEFAULT_STOP = ["\n### Instruction", "\n\nBelow is an instruction"]

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from .sandbox import ExecResult, SandboxLimits, isolation, run_programs
+from ..prompts import ALPACA_HEADER
 
 __all__ = [
     "PROMPT_TEMPLATE",
@@ -49,7 +50,7 @@ __all__ = [
 ]
 
 PROMPT_TEMPLATE = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    ALPACA_HEADER + "\n\n"
     "### Instruction:\n"
     "Complete the following Python code: \n"
     "Notes: respond with the entire complete function definition\n"

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from ..prompts import ALPACA_HEADER
+
 __all__ = [
     "NEED_REF_CATS",
     "ALPACA_HEADER",
@@ -60,7 +62,6 @@ __all__ = [
 ]
 
 NEED_REF_CATS = ("math", "reasoning", "coding")
-ALPACA_HEADER = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 
 _ONE_SCORE = re.compile(r"\[\[(\d+\.?\d*)\]\]")
 _ONE_SCORE_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")
@@ -132,7 +133,8 @@ def conversation_prompt(
     parts = [system_prompt or ALPACA_HEADER]
     for i, t in enumerate(turns):
         parts.append(f"### Instruction:\n{t}")
-        parts.append(f"### Response:\n{answers[i]}" if i < len(answers) else "### Response:")
+        # the open turn ends like the training prompt (lorapro.prompts.ALPACA_NO_INPUT): "### Response:\n"
+        parts.append(f"### Response:\n{answers[i]}" if i < len(answers) else "### Response:\n")
     return "\n\n".join(parts)
 
 

@@ -35,6 +35,8 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 
 import torch
 
+from ..prompts import alpaca_prompt
+
 __all__ = [
     "DataError",
     "TEMPLATES",
@@ -60,15 +62,7 @@ class DataError(ValueError):
 # ---------------------------------------------------------------------------------------------------------------
 # prompt templates
 
-ALPACA_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
-ALPACA_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
+# The Alpaca strings live in lorapro.prompts, shared with `lorapro eval`.
 
 # name -> description (formatting is in format_prompt)
 TEMPLATES = {
@@ -102,10 +96,7 @@ def format_prompt(
     if template == "plain":
         return str(instruction)
     if template == "alpaca":
-        extra = record.get(input_field) if input_field else None
-        if extra:
-            return ALPACA_INPUT.format(instruction=instruction, input=extra)
-        return ALPACA_NO_INPUT.format(instruction=instruction)
+        return alpaca_prompt(str(instruction), record.get(input_field) if input_field else None)
     if template == "chat":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise DataError("data.template 'chat' needs a tokenizer with a chat template; use 'alpaca' for this model.")
