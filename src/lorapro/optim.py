@@ -430,10 +430,13 @@ class LoRAProAdamW(_LoRAProBase):
         clip_threshold: factored mode only — Adafactor's update clipping threshold d (the step direction D is
             scaled down to RMS(D) ≤ d); ``None`` disables clipping.
         first_moment: factored mode only — ``"lowrank"`` (default: rank-2r EMA of g̃, then preconditioning) or
-            ``"factor"`` (momentum of the projected factor steps, after preconditioning and clipping).
+            ``"factor"`` (momentum of the projected factor steps, after preconditioning and clipping; the smallest
+            state, (m + n)·(r + 1) per layer, but measured clearly worse and less stable than full mode — see
+            :mod:`lorapro.factored`; kept to reproduce that comparison).
 
     Caveats: full mode's state is m × n per layer (about 52 GB in fp32 for Llama-2-7B with r = 8 on all
-    projections); use ``mode="efficient"`` where that does not fit. The step needs the current A, B, so call it
+    projections); use ``mode="factored"`` (Adam on g̃ at about plain LoRA's state) or ``mode="efficient"`` where
+    that does not fit. The step needs the current A, B, so call it
     after gradients are final (after clipping / all-reduce).
     """
 
