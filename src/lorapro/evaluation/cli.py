@@ -9,6 +9,7 @@ import sys
 from typing import List, Optional, Sequence
 
 from ..config import ConfigError, help_text, load_config
+from ..jsonl import iter_jsonl
 
 __all__ = ["eval_main", "score_main", "compare_main"]
 
@@ -86,25 +87,14 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _read_records(path: str, required: dict) -> List[dict]:
     """JSONL records, each an object with the ``required`` keys of the given types; ValueError names the line."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"'{path}' does not exist.")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}).") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}.")
-            for key, types in required.items():
-                if key not in rec:
-                    raise ValueError(f"{path}:{lineno}: missing key '{key}' (each record needs {sorted(required)}).")
-                if not isinstance(rec[key], types):
-                    raise ValueError(f"{path}:{lineno}: '{key}' must be a {types.__name__ if isinstance(types, type) else ' or '.join(t.__name__ for t in types)}.")
-            records.append(rec)
+    for lineno, rec in iter_jsonl(path, "Records"):
+        for key, types in required.items():
+            if key not in rec:
+                raise ValueError(f"{path}:{lineno}: missing key '{key}' (each record needs {sorted(required)}).")
+            if not isinstance(rec[key], types):
+                raise ValueError(f"{path}:{lineno}: '{key}' must be a {types.__name__ if isinstance(types, type) else ' or '.join(t.__name__ for t in types)}.")
+        records.append(rec)
     if not records:
         raise ValueError(f"{path} holds no records.")
     return records

@@ -24,7 +24,7 @@ import csv
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 from ..prompts import GLUE_TASKS, GlueTask, glue_prompt
 

@@ -22,13 +22,13 @@ minus operator, not a sign. Accuracy counts an example correct when the extracte
 
 from __future__ import annotations
 
-import json
 import re
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from ..prompts import ALPACA_NO_INPUT
+from ..jsonl import iter_jsonl
 
 __all__ = [
     "PROMPT_TEMPLATE",
@@ -143,19 +143,12 @@ def load_gsm8k(path: str, limit: Optional[int] = None) -> List[Dict[str, str]]:
             "fields (e.g. test.jsonl of the openai/grade-school-math repository)."
         )
     records: List[Dict[str, str]] = []
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}:{lineno} is not valid JSON ({e.msg}).") from None
-            if not isinstance(rec, dict) or "question" not in rec or "answer" not in rec:
-                raise ValueError(f"{p}:{lineno}: expected an object with 'question' and 'answer'.")
-            records.append(rec)
-            if limit is not None and len(records) >= limit:
-                break
+    for lineno, rec in iter_jsonl(p, "GSM8K"):
+        if "question" not in rec or "answer" not in rec:
+            raise ValueError(f"{p}:{lineno}: expected an object with 'question' and 'answer'.")
+        records.append(rec)
+        if limit is not None and len(records) >= limit:
+            break
     return records
 
 

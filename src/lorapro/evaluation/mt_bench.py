@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..prompts import ALPACA_HEADER
+from ..jsonl import read_jsonl
 
 __all__ = [
     "NEED_REF_CATS",
@@ -71,24 +72,9 @@ class JudgeError(RuntimeError):
     """The judge endpoint failed for good (after retries) or rejected the request."""
 
 
-def _read_jsonl(path: str, what: str) -> List[Dict[str, Any]]:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"{what} file '{p}' does not exist.")
-    out = []
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{p}:{lineno} is not valid JSON ({e.msg}).") from None
-    return out
-
-
 def load_questions(path: str, limit: Optional[int] = None) -> List[Dict[str, Any]]:
     """MT-Bench questions (``question_id``, ``category``, ``turns``)."""
-    qs = _read_jsonl(path, "MT-Bench question")
+    qs = read_jsonl(path, "MT-Bench question")
     for q in qs:
         if not {"question_id", "category", "turns"} <= set(q):
             raise ValueError(f"{path}: a question lacks question_id/category/turns; is this MT-Bench question.jsonl?")
@@ -96,11 +82,11 @@ def load_questions(path: str, limit: Optional[int] = None) -> List[Dict[str, Any
 
 
 def load_judge_prompts(path: str) -> Dict[str, Dict[str, Any]]:
-    return {p["name"]: p for p in _read_jsonl(path, "judge prompt")}
+    return {p["name"]: p for p in read_jsonl(path, "judge prompt")}
 
 
 def load_reference_answers(path: str) -> Dict[int, Dict[str, Any]]:
-    return {r["question_id"]: r for r in _read_jsonl(path, "reference answer")}
+    return {r["question_id"]: r for r in read_jsonl(path, "reference answer")}
 
 
 def find_sidecar(question_file: str, names: Sequence[str]) -> Optional[str]:
@@ -407,7 +393,7 @@ def summarize(judgements: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
 def load_answers(path: str) -> Dict[int, Dict[str, Any]]:
     """``question_id -> answer record`` from a FastChat answer file (the last record per question wins)."""
     out: Dict[int, Dict[str, Any]] = {}
-    for i, rec in enumerate(_read_jsonl(path, "MT-Bench answer")):
+    for i, rec in enumerate(read_jsonl(path, "MT-Bench answer")):
         try:
             turns = rec["choices"][0]["turns"]
             qid = rec["question_id"]

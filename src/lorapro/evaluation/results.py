@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
-__all__ = ["write_json", "write_jsonl", "read_jsonl", "make_summary", "format_table", "compare_table", "load_summary"]
+__all__ = ["write_json", "write_jsonl", "make_summary", "format_table", "compare_table", "load_summary"]
 
 
 def write_json(path: os.PathLike, obj: Any) -> None:
@@ -36,26 +36,6 @@ def write_jsonl(path: os.PathLike, records: Iterable[Mapping[str, Any]]) -> int:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
             n += 1
     return n
-
-
-def read_jsonl(path: os.PathLike, what: str = "JSONL") -> List[Dict[str, Any]]:
-    """Every line of ``path`` as a JSON object; a clear ``ValueError`` naming the line otherwise."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{what} file '{p}' does not exist.")
-    out = []
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}:{lineno}: not valid JSON ({e.msg}).") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{p}:{lineno}: expected a JSON object, got {type(rec).__name__}.")
-            out.append(rec)
-    return out
 
 
 def _version() -> str:

@@ -36,6 +36,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 import torch
 
 from ..prompts import alpaca_prompt
+from ..jsonl import iter_jsonl
 
 __all__ = [
     "DataError",
@@ -189,17 +190,11 @@ def read_records(
 
 
 def _read_jsonl(path: Path) -> Iterator[Dict[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e}).") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}:{lineno}: each line must be a JSON object, got {type(rec).__name__}.")
+    try:
+        for _, rec in iter_jsonl(path, "Data"):
             yield rec
+    except ValueError as e:
+        raise DataError(str(e)) from None
 
 
 def _read_json(path: Path) -> List[Dict[str, Any]]:

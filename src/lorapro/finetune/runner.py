@@ -20,9 +20,7 @@ Output directory layout::
 
 from __future__ import annotations
 
-import math
 import os
-import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -34,7 +32,7 @@ import torch
 from lorapro.config import ConfigError, to_dict
 
 from .config import TrainConfig
-from .data import DataError, PadCollator, build_datasets
+from .data import PadCollator, build_datasets
 from .methods import Method, get_method
 
 __all__ = ["RunResult", "run_training", "build_model", "resolve_resume"]

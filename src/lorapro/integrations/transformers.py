@@ -43,7 +43,7 @@ use weight decay 0.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple, Type
+from typing import Any, Dict, Tuple, Type
 
 import torch
 
