@@ -148,25 +148,29 @@ def load_results(path: Path) -> List[Dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _fmt(values: List[float]) -> str:
-    if not values:
+def _fmt(runs: List[Dict[str, Any]]) -> str:
+    """``mean ± sd`` over seeds, then each seed's accuracy in seed order (``nan``: the loss became non-finite)."""
+    if not runs:
         return "—"
-    if any(math.isnan(v) for v in values):
-        bad = sum(math.isnan(v) for v in values)
-        ok = [v for v in values if not math.isnan(v)]
-        return f"diverged {bad}/{len(values)}" + (f" (others {statistics.mean(ok):.3f})" if ok else "")
-    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
-    return f"{statistics.mean(values):.3f} ± {sd:.3f} (n={len(values)})"
+    runs = sorted(runs, key=lambda r: r["seed"])
+    values = [r["dev_acc"] for r in runs]
+    each = ", ".join(f"{v:.3f}" for v in values)
+    ok = [v for v in values if not math.isnan(v)]
+    if len(ok) < 2:
+        return f"({each})"
+    return f"{statistics.mean(ok):.3f} ± {statistics.stdev(ok):.3f} ({each})"
 
 
 def markdown_table(results: List[Dict[str, Any]]) -> str:
+    """Dev accuracy per variant (rows) and learning rate (columns), with state size and optimizer time per step."""
     lrs = sorted({r["lr"] for r in results})
     names = [v for v in VARIANTS if any(r["variant"] == v for r in results)]
-    lines = ["| variant | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | state (KiB) | optimizer s/step |",
+    lines = ["| variant | " + " | ".join(f"lr {lr:g}: mean ± sd (seeds)" for lr in lrs)
+             + " | optimizer state (KiB) | optimizer s/step |",
              "|---|" + "---:|" * len(lrs) + "---:|---:|"]
     for name in names:
         rs = [r for r in results if r["variant"] == name]
-        cells = [_fmt([r["dev_acc"] for r in rs if r["lr"] == lr]) for lr in lrs]
+        cells = [_fmt([r for r in rs if r["lr"] == lr]) for lr in lrs]
         sb = max(r["state_bytes"] for r in rs) / 1024
         per_step = statistics.median(r["optimizer_s"] / max(1, r["steps"]) for r in rs)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {sb:,.0f} | {per_step:.3f} |")
