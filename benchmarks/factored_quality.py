@@ -6,6 +6,16 @@ SST-2 and reports GLUE-dev accuracy, for every optimizer variant × learning rat
     python benchmarks/factored_quality.py --data ../shared/data/glue/sst2 --out factored_quality.jsonl
     python benchmarks/factored_quality.py --out factored_quality.jsonl --table     # only print the table
 
+One run takes about 65 s with one thread on a lightly loaded 2-core CPU (``--threads 1`` is the default: with two
+threads on busy cores each op waits for the thread pool). The README table was made with::
+
+    python benchmarks/factored_quality.py --out benchmarks/results/factored_quality_sst2.jsonl \
+        --variants full,factored,factored-noclip,factored-fp32,factored-factor,factored-factor-noclip
+    python benchmarks/factored_quality.py --out benchmarks/results/factored_quality_sst2.jsonl --lrs 1e-4 \
+        --variants full,factored,factored-factor
+    python benchmarks/factored_quality.py --out benchmarks/results/factored_quality_sst2.jsonl --lrs 1e-3,3e-3 \
+        --variants lora,efficient          # plain LoRA needs a larger learning rate
+
 Each finished run is appended to ``--out`` as one JSON line, and runs already there are skipped, so an
 interrupted study resumes and a larger one reuses the smaller one's runs. The table gives mean ± sample standard
 deviation of dev accuracy over seeds; "seed noise" is the standard deviation of full mode over seeds.
