@@ -13,7 +13,7 @@ threads on busy cores each op waits for the thread pool). The README table was m
         --variants full,factored,factored-noclip,factored-fp32,factored-factor,factored-factor-noclip
     python benchmarks/factored_quality.py --out benchmarks/results/factored_quality_sst2.jsonl --lrs 1e-4 \
         --variants full,factored,factored-factor
-    python benchmarks/factored_quality.py --out benchmarks/results/factored_quality_sst2.jsonl --lrs 1e-3,3e-3 \
+    python benchmarks/factored_quality.py --out benchmarks/results/factored_quality_sst2.jsonl --lrs 3e-4,1e-3,3e-3 \
         --variants lora,efficient          # plain LoRA needs a larger learning rate
 
 Each finished run is appended to ``--out`` as one JSON line, and runs already there are skipped, so an
