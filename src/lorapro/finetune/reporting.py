@@ -143,13 +143,16 @@ def plot_losses(
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    colors: Dict[str, Any] = {}  # a run's eval points share its training curve's colour
     for label, pts in curves.items():
         pts = [(s, l) for s, l in pts if l is not None and math.isfinite(l)]
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"{label} (train)", linewidth=1.4)
+            (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"{label} (train)", linewidth=1.4)
+            colors[label] = line.get_color()
     for label, pts in (eval_curves or {}).items():
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "--o", label=f"{label} (eval)", markersize=5)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "--o", label=f"{label} (eval)", markersize=5,
+                    color=colors.get(label))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title(title)
