@@ -378,3 +378,17 @@ def test_error_dora_and_conv_layers_are_refused():
     conv = peft.get_peft_model(ConvNet(), peft.LoraConfig(r=2, target_modules=["conv"]))
     with pytest.raises(ValueError, match="not Linear"):
         LoRAProAdamW(conv)
+
+
+def test_rank_pattern_gives_per_layer_ranks_and_steps_like_the_reference():
+    model = make_model(rank_pattern={"mid": 4}, alpha_pattern={"mid": 8})
+    pairs = {p.name.split(".")[-2]: p for p in lora_pairs(model)}
+    assert pairs["mid"].A.shape[0] == 4 and pairs["up"].A.shape[0] == 2
+    assert pairs["mid"].scaling == 2.0 and pairs["up"].scaling == 2.0
+    opt = LoRAProAdamW(model, lr=1e-2)  # two ranks => two buckets
+    backward(model, batches(1)[0])
+    expect = {n: R.adamw_full_step(p.A, p.B, p.A.grad, p.B.grad, p.scaling, {}, lr=1e-2) for n, p in pairs.items()}
+    opt.step()
+    for n, p in pairs.items():
+        torch.testing.assert_close(p.A.detach(), expect[n][0], rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(p.B.detach(), expect[n][1], rtol=1e-9, atol=1e-11)
