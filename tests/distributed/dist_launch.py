@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Sequence
 
@@ -30,9 +31,17 @@ def dist_env() -> dict:
 
 def torchrun(script_and_args: Sequence[str], nproc: int = 2, timeout: float = 240, cwd=None) -> subprocess.CompletedProcess:
     """Run ``torchrun --nproc_per_node=nproc`` on 127.0.0.1 with a free port; fail the test with its output."""
-    cmd: List[str] = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-                      "--master_addr=127.0.0.1", f"--master_port={free_port()}", *map(str, script_and_args)]
-    proc = subprocess.run(cmd, env=dist_env(), cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    def run() -> subprocess.CompletedProcess:
+        cmd: List[str] = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
+                          "--master_addr=127.0.0.1", f"--master_port={free_port()}", *map(str, script_and_args)]
+        return subprocess.run(cmd, env=dist_env(), cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+    proc = run()
+    if proc.returncode != 0 and "(exitcode: -" in proc.stderr:
+        # A rank killed by a signal (seen once here: SIGABRT in gloo on a busy 2-core machine, not reproducible in
+        # 12 reruns). Retry once so an environmental hiccup does not fail CI, but say so; a real crash repeats.
+        warnings.warn(f"torchrun: a rank died by a signal; retrying once. First attempt:\n{proc.stderr[-2000:]}")
+        proc = run()
     if proc.returncode != 0:
         pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
