@@ -38,8 +38,8 @@ def torchrun(script_and_args: Sequence[str], nproc: int = 2, timeout: float = 24
 
     proc = run()
     if proc.returncode != 0 and "(exitcode: -" in proc.stderr:
-        # A rank killed by a signal (seen once here: SIGABRT in gloo on a busy 2-core machine, not reproducible in
-        # 12 reruns). Retry once so an environmental hiccup does not fail CI, but say so; a real crash repeats.
+        # A rank killed by a signal (seen here: SIGABRT of rank 1 in two runs in a row, then not again in 12 reruns;
+        # cause unknown). Retry once so an environmental hiccup does not fail CI, but say so; a real crash repeats.
         warnings.warn(f"torchrun: a rank died by a signal; retrying once. First attempt:\n{proc.stderr[-2000:]}")
         proc = run()
     if proc.returncode != 0:
