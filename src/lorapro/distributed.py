@@ -405,3 +405,20 @@ class StateSharding:
         else:
             sd["state"] = state
         return sd
+
+
+def finish_process_group() -> None:
+    """Wait for every rank, then destroy the default process group (a no-op without one).
+
+    Called by ``lorapro train`` / ``lorapro eval`` when they finish under torchrun: a process that exits while its
+    gloo group is alive, or tears it down while another rank is still communicating, can abort with "terminate
+    called without an active exception" (SIGABRT) — seen here on 2-process CPU runs.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+

@@ -38,8 +38,9 @@ def torchrun(script_and_args: Sequence[str], nproc: int = 2, timeout: float = 24
 
     proc = run()
     if proc.returncode != 0 and "(exitcode: -" in proc.stderr:
-        # A rank killed by a signal (seen here: SIGABRT of rank 1 in two runs in a row, then not again in 12 reruns;
-        # cause unknown). Retry once so an environmental hiccup does not fail CI, but say so; a real crash repeats.
+        # A rank killed by a signal. Seen here as SIGABRT ("terminate called without an active exception") when a rank
+        # exited with its gloo group alive; lorapro.distributed.finish_process_group fixes that in our commands. Retry
+        # once so a remaining hiccup of the environment does not fail CI, but say so; a real crash repeats.
         warnings.warn(f"torchrun: a rank died by a signal; retrying once. First attempt:\n{proc.stderr[-2000:]}")
         proc = run()
     if proc.returncode != 0:

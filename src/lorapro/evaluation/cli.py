@@ -68,8 +68,10 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     from .runner import run_eval
 
     created = _init_distributed()
+    finished = False
     try:
         run_eval(cfg)
+        finished = True
     except (ConfigError, FileNotFoundError, JudgeError) as e:
         return _fail("eval", e, 2 if isinstance(e, ConfigError) else 1)
     except (ValueError, RuntimeError) as e:
@@ -78,7 +80,10 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
         if created:
             import torch.distributed as dist
 
-            dist.destroy_process_group()
+            from ..distributed import finish_process_group
+
+            # on success: every rank done (rank 0 may still be writing), then a clean teardown; on error: no barrier
+            finish_process_group() if finished else dist.destroy_process_group()
     return 0
 
 

@@ -43,6 +43,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"lorapro train: {e}", file=sys.stderr)
         return 2
 
+    from ..distributed import finish_process_group
     from .data import DataError
     from .runner import run_training
 
@@ -51,6 +52,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"lorapro train: {e}", file=sys.stderr)
         return 2
+    finish_process_group()  # under torchrun: all ranks done, then the process group is torn down cleanly
     return 0
 
 
