@@ -13,7 +13,7 @@ This module depends on torch only. PEFT layers are recognised by their attribute
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -141,8 +141,3 @@ def lora_pairs(model: nn.Module, *, trainable_only: bool = True) -> List[LoRAPai
             pairs.append(LoRAPair(name=name, A=A, B=B, scaling=scaling, module=module))
     return pairs
 
-
-def iter_lora_parameters(pairs: List[LoRAPair]) -> Iterator[torch.Tensor]:
-    for p in pairs:
-        yield p.A
-        yield p.B

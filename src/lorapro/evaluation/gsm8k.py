@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from ..prompts import ALPACA_NO_INPUT
 from ..jsonl import iter_jsonl
@@ -173,6 +173,3 @@ def score_records(records: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
     n = len(examples)
     return {"accuracy": correct / n if n else 0.0, "n": n, "correct": correct, "examples": examples}
 
-
-def iter_prompts(records: Iterable[Mapping[str, Any]], template: str = PROMPT_TEMPLATE) -> List[str]:
-    return [build_prompt(r["question"], template) for r in records]

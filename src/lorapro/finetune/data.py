@@ -296,8 +296,8 @@ def encode_record(record: Mapping[str, Any], spec: DataSpec, tokenizer: Any) -> 
         if record is None:
             return None
 
-    if spec.task == "causal-lm":
-        prompt = format_prompt(
+    def prompt_of(record: Mapping[str, Any]) -> str:
+        return format_prompt(
             record,
             template=spec.template,
             prompt_field=spec.prompt_field,
@@ -305,6 +305,9 @@ def encode_record(record: Mapping[str, Any], spec: DataSpec, tokenizer: Any) -> 
             prompt_format=spec.prompt_format,
             tokenizer=tokenizer,
         )
+
+    if spec.task == "causal-lm":
+        prompt = prompt_of(record)
         response = str(_get(record, spec.response_field, "data.response_field"))
         ids = tokenizer(prompt + spec.separator + response)["input_ids"]
         if len(ids) >= spec.max_tokens:  # the authors' rule: drop, never truncate, prompt+answer >= max_tokens
@@ -317,14 +320,7 @@ def encode_record(record: Mapping[str, Any], spec: DataSpec, tokenizer: Any) -> 
         return {"input_ids": ids, "labels": labels}
 
     if spec.task == "seq2seq":
-        source = format_prompt(
-            record,
-            template=spec.template,
-            prompt_field=spec.prompt_field,
-            input_field=spec.input_field,
-            prompt_format=spec.prompt_format,
-            tokenizer=tokenizer,
-        )
+        source = prompt_of(record)
         if spec.label_words:
             idx = _label_index(_get(record, spec.label_field, "data.label_field"), spec.label_names, "seq2seq")
             if not 0 <= idx < len(spec.label_words):
