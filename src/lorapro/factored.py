@@ -153,7 +153,7 @@ def project(left: Tensor, right: Tensor, A: Tensor, B: Tensor, scaling: Tensor) 
 
 def lowrank_ema(
     Lc: Tensor, Rc: Tensor, beta1: float, rank: int, lc_gram: Optional[Tensor] = None,
-    rc_gram: Optional[Tensor] = None, rtol: float = 1e-12,
+    rc_gram: Optional[Tensor] = None, rtol: float = 1e-12, small_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Rank-``rank`` EMA in factored form: ``P'·Q' = trunc_rank(β1·P·Q + (1 − β1)·left·right)``.
 
@@ -174,6 +174,8 @@ def lowrank_ema(
         beta1: EMA coefficient.
         rank: the kept rank (the width of P).
         lc_gram, rc_gram: ``LcᵀLc`` and ``Rc Rcᵀ`` if already computed.
+        small_dtype: dtype of the p × p eigendecompositions and SVD (default: that of ``Lc``); the two products
+            with ``Lc`` and ``Rc`` run in their dtype.
 
     Returns:
         (P', Q') of shapes (L, m, rank), (L, rank, n).
@@ -183,10 +185,11 @@ def lowrank_ema(
         lc_gram = Lc.transpose(-1, -2) @ Lc
     if rc_gram is None:
         rc_gram = Rc @ Rc.transpose(-1, -2)
-    w = torch.full((p,), 1.0 - beta1, dtype=Lc.dtype, device=Lc.device)
+    sdt = small_dtype or Lc.dtype
+    w = torch.full((p,), 1.0 - beta1, dtype=sdt, device=Lc.device)
     w[:rank] = beta1
-    lam1, U1 = torch.linalg.eigh(lc_gram)
-    lam2, U2 = torch.linalg.eigh(rc_gram)
+    lam1, U1 = torch.linalg.eigh(lc_gram.to(sdt))
+    lam2, U2 = torch.linalg.eigh(rc_gram.to(sdt))
     sq1 = lam1.clamp_min(0.0).sqrt()
     sq2 = lam2.clamp_min(0.0).sqrt()
     wU2 = w.unsqueeze(-1) * U2  # W·U₂
@@ -197,4 +200,4 @@ def lowrank_ema(
     inv_sqrt = torch.where(keep, sigma.clamp_min(torch.finfo(sigma.dtype).tiny).rsqrt(), torch.zeros_like(sigma))
     right_map = (wU2 * sq2.unsqueeze(-2)) @ (Vh.transpose(-1, -2) * inv_sqrt.unsqueeze(-2))  # (L, p, rank)
     left_map = ((inv_sqrt.unsqueeze(-1) * U.transpose(-1, -2) * sq1.unsqueeze(-2)) @ U1.transpose(-1, -2)) * w
-    return Lc @ right_map, left_map @ Rc
+    return Lc @ right_map.to(Lc.dtype), left_map.to(Rc.dtype) @ Rc

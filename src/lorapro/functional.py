@@ -22,8 +22,16 @@ Implementation choices (all tested against :mod:`lorapro.reference`):
 
 - Every Gram matrix is ridged, ``BᵀB + δI`` and ``AAᵀ + δI`` (δ = 1e-8 by default, as the authors), so the
   PEFT initialisation ``B = 0`` is well defined (then ĝ_A = 0 and g̃ = G·P_A).
-- The factor-sized algebra (r × r, r × n, m × r) runs in ``compute_dtype`` (float64 by default — it costs
-  O((m + n)·r²), nothing next to the m × n work, and keeps tiny Gram eigenvalues meaningful).
+- Two precisions. The Gram matrices BᵀB, AAᵀ and all r × r algebra run in ``compute_dtype`` (float64 by
+  default); the products with factor-sized operands that are not Gram matrices (Bᵀg_B, g_A·Aᵀ and the products
+  that build ĝ) run in the *work dtype* of the factors (float32 for float32 / bf16 parameters). Inverting a Gram
+  matrix formed in float32 loses accuracy like cond(B)²·ε₃₂ (normal equations); the other products lose only
+  cond(B)·ε of the result's size, which is the precision the result is stored in anyway. Converting the factors
+  once for the two Gram products is the whole cost of the float64 default.
+- Factor-sized operands are *packed*: ``AG = [A; g_A]`` (2r × n) and ``BG = [B, g_B]`` (m × 2r), so
+  ``ĝ_A = [X, K_B]·AG`` and ``ĝ_B = BG·[−(M·K_A + X); K_A]`` are one matrix product each, and with a float32
+  compute dtype one product per side gives both the Gram matrix and the cross term (``AG·Aᵀ``, ``Bᵀ·BG``).
+  These r-thin products, not the r × r algebra, are what the step costs.
 - ``I − P_B`` is applied as ``Y − B·((BᵀB)⁻¹·(BᵀY))``; no m × m matrix is ever formed.
 - The Sylvester equation is solved through the symmetric eigendecompositions of the two Gram matrices
   (``eigh``; one per Gram, reused for the inverses), not a complex ``eig``.
@@ -33,53 +41,132 @@ Implementation choices (all tested against :mod:`lorapro.reference`):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
 __all__ = [
     "X_SOLUTIONS",
     "GramInverses",
+    "work_dtype",
+    "pack",
+    "packed_grams",
+    "cross_terms",
     "gram_inverses",
+    "packed_gram_inverses",
+    "GRAM_FP32_MAX_COND",
     "adjusted_gradients",
+    "adjusted_gradients_packed",
     "equivalent_gradient_factors",
+    "equivalent_gradient_factors_packed",
 ]
 
 X_SOLUTIONS = ("sylvester", "zero", "symmetric")
 
+Tensor = torch.Tensor
+Tensors = Union[Tensor, Sequence[Tensor]]
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype factor-sized work runs in for factors of ``dtype``: at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
 
 @dataclass
 class GramInverses:
-    """Ridged Gram matrices of a batch of pairs and what is derived from them (all in the compute dtype).
+    """Ridged Gram matrices of a batch of pairs and what is derived from them.
 
+    ``A`` (L × r × n) and ``B`` (L × m × r) are the factors in the work dtype (often views into packed buffers).
     ``BtB = BᵀB`` (L × r × r, not ridged); the ridged ``BᵀB + δI = U_B diag(lam_B) U_Bᵀ``; likewise for
-    ``AAt = AAᵀ``. ``BtB_inv``, ``AAt_inv`` are the ridged inverses built from those eigendecompositions.
+    ``AAt = AAᵀ``. ``BtB_inv``, ``AAt_inv`` are the ridged inverses built from those eigendecompositions. Every
+    r × r tensor is in the compute dtype.
     """
 
-    A: torch.Tensor  # (L, r, n), compute dtype
-    B: torch.Tensor  # (L, m, r), compute dtype
-    BtB: torch.Tensor
-    AAt: torch.Tensor
-    U_B: torch.Tensor
-    lam_B: torch.Tensor  # (L, r)
-    U_A: torch.Tensor
-    lam_A: torch.Tensor
-    BtB_inv: torch.Tensor
-    AAt_inv: torch.Tensor
+    A: Tensor
+    B: Tensor
+    BtB: Tensor
+    AAt: Tensor
+    U_B: Tensor
+    lam_B: Tensor  # (L, r)
+    U_A: Tensor
+    lam_A: Tensor
+    BtB_inv: Tensor
+    AAt_inv: Tensor
 
 
-def _ridged_eigh(gram: torch.Tensor, delta: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def pack(A: Tensors, B: Tensors, g_A: Tensors, g_B: Tensors, dtype: Optional[torch.dtype] = None
+         ) -> Tuple[Tensor, Tensor]:
+    """``AG = [A; g_A]`` (L, 2r, n) and ``BG = [B, g_B]`` (L, m, 2r) in ``dtype`` (default: the work dtype).
+
+    Each argument is a stacked (L, ...) tensor or a sequence of L two-dimensional tensors (e.g. the parameters and
+    gradients of L pairs); everything is copied in one foreach call.
+    """
+    As, Bs, gAs, gBs = (list(t.unbind(0)) if torch.is_tensor(t) else list(t) for t in (A, B, g_A, g_B))
+    L, (r, n), m = len(As), As[0].shape, Bs[0].shape[0]
+    dtype = dtype or work_dtype(As[0].dtype)
+    AG = torch.empty(L, 2 * r, n, dtype=dtype, device=As[0].device)
+    BG = torch.empty(L, m, 2 * r, dtype=dtype, device=As[0].device)
+    dst = [AG[i, :r] for i in range(L)] + [AG[i, r:] for i in range(L)]
+    dst += [BG[i, :, :r] for i in range(L)] + [BG[i, :, r:] for i in range(L)]
+    torch._foreach_copy_(dst, As + gAs + Bs + gBs)
+    return AG, BG
+
+
+def _gram_rows(X: Tensor, cdt: torch.dtype) -> Tensor:
+    """``X·Xᵀ`` for wide X (L, r, n), in ``cdt`` (the factors are converted first: products of float32 numbers are
+    exact in float64, so only the float64 summation rounds)."""
+    Xc = X.to(cdt)
+    return Xc @ Xc.transpose(-1, -2)
+
+
+def packed_grams(AG: Tensor, BG: Tensor, compute_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(AAᵀ, BᵀB)`` in ``compute_dtype`` and the cross terms ``(g_A·Aᵀ, Bᵀ·g_B)`` from packed operands.
+
+    When the packed dtype is the compute dtype, one product per side gives both: ``AG·Aᵀ = [AAᵀ; g_A·Aᵀ]`` and
+    ``Bᵀ·BG = [BᵀB, Bᵀg_B]``. Otherwise the Gram matrices are formed in the compute dtype and the cross terms in
+    the packed dtype (see the module notes on precision).
+
+    Returns:
+        (AAt, BtB, gA_At, Bt_gB), each (L, r, r) in the compute dtype.
+    """
+    r = AG.shape[-2] // 2
+    A, B = AG[:, :r], BG[..., :r]
+    if AG.dtype == compute_dtype:
+        GA = AG @ A.transpose(-1, -2)
+        GB = B.transpose(-1, -2) @ BG
+        return GA[:, :r], GB[..., :r], GA[:, r:], GB[..., r:]
+    gA_At, Bt_gB = cross_terms(AG, BG, compute_dtype)
+    return _gram_rows(A, compute_dtype), _gram_rows(B.transpose(-1, -2), compute_dtype), gA_At, Bt_gB
+
+
+def cross_terms(AG: Tensor, BG: Tensor, compute_dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """``g_A·Aᵀ`` and ``Bᵀ·g_B`` (L, r, r) from packed operands, computed in their dtype, returned in ``compute_dtype``."""
+    r = AG.shape[-2] // 2
+    gA_At = AG[:, r:] @ AG[:, :r].transpose(-1, -2)
+    Bt_gB = BG[..., :r].transpose(-1, -2) @ BG[..., r:]
+    return gA_At.to(compute_dtype), Bt_gB.to(compute_dtype)
+
+
+def _ridged_eigh(gram: Tensor, delta: float) -> Tuple[Tensor, Tensor]:
     # The Gram matrix is PSD; round-off can make tiny eigenvalues slightly negative, so clamp before the ridge.
     lam, U = torch.linalg.eigh(gram)
     return lam.clamp_min(0.0) + delta, U
 
 
-def gram_inverses(A: torch.Tensor, B: torch.Tensor, delta: float, compute_dtype: torch.dtype) -> GramInverses:
-    """Eigendecompose the ridged Gram matrices of a batch of pairs: A (L, r, n), B (L, m, r)."""
-    A = A.to(compute_dtype)
-    B = B.to(compute_dtype)
-    BtB = B.transpose(-1, -2) @ B
-    AAt = A @ A.transpose(-1, -2)
+def gram_inverses(
+    A: Tensor, B: Tensor, delta: float, compute_dtype: torch.dtype, *,
+    AAt: Optional[Tensor] = None, BtB: Optional[Tensor] = None,
+) -> GramInverses:
+    """Eigendecompose the ridged Gram matrices of a batch of pairs: A (L, r, n), B (L, m, r).
+
+    ``AAt``, ``BtB``: the Gram matrices if already computed (e.g. by :func:`packed_grams`), in the compute dtype.
+    """
+    wdt = work_dtype(A.dtype)
+    A, B = A.to(wdt), B.to(wdt)
+    if AAt is None:
+        AAt = _gram_rows(A, compute_dtype)
+    if BtB is None:
+        BtB = _gram_rows(B.transpose(-1, -2), compute_dtype)
     lam_B, U_B = _ridged_eigh(BtB, delta)
     lam_A, U_A = _ridged_eigh(AAt, delta)
     BtB_inv = (U_B / lam_B.unsqueeze(-2)) @ U_B.transpose(-1, -2)
@@ -90,45 +177,71 @@ def gram_inverses(A: torch.Tensor, B: torch.Tensor, delta: float, compute_dtype:
     )
 
 
-def _rr_terms(
-    grams: GramInverses, g_B: torch.Tensor, inv_s2: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The r × r pieces every solution is built from (one pass over B and g_B).
+# With compute_dtype=None (the optimizers' default) on CPU, the Gram matrices of float32 factors are formed in
+# float32 and re-formed in float64 for the layers where the ridged condition number of either Gram matrix exceeds
+# this. A float32 Gram matrix has an error of about ε₃₂·λ_max, so the error it causes in (ĝ_A, ĝ_B) grows like
+# ε₃₂·cond: measured on SmolLM2-135M LoRA layers after 12 LoRA-Pro steps, ≤ 3e-5 relative for cond < 1e3
+# (float64 Gram matrices: ≤ 3.4e-6, the float32 rounding of the result itself); 1.1e-4 above 1e3.
+GRAM_FP32_MAX_COND = 1e3
 
-    ``K_B = (1/s²)(BᵀB)⁻¹``, ``K_A = (1/s²)(AAᵀ)⁻¹``, ``M = (BᵀB)⁻¹(Bᵀg_B)`` (so ``P_B·g_B = B·M``) and
-    ``Bᵀg_B``; then the
-    X = 0 solution is ``ĝ_A⁰ = K_B·g_A`` and ``ĝ_B⁰ = g_B·K_A − B·(M·K_A)``.
+
+def _cond(lam: Tensor) -> Tensor:
+    """Condition number of ridged Gram matrices from their ascending eigenvalues (L, r) -> (L,)."""
+    return lam[..., -1] / lam[..., 0]
+
+
+def packed_gram_inverses(
+    AG: Tensor, BG: Tensor, delta: float, compute_dtype: Optional[torch.dtype] = None,
+    max_cond_fp32: float = GRAM_FP32_MAX_COND,
+) -> Tuple[GramInverses, Tensor, Tensor]:
+    """:class:`GramInverses` and the cross terms ``(g_A·Aᵀ, Bᵀ·g_B)`` of packed operands, under a precision policy.
+
+    ``compute_dtype`` float64 or float32: Gram matrices and r × r algebra in that dtype (see :func:`packed_grams`).
+    ``None`` (automatic): r × r algebra in float64; Gram matrices formed in the packed dtype with the cross terms
+    in one product per side, except where that is not accurate enough — on accelerators (float64 Gram matrices
+    there, which cost little and need no host synchronisation) and, on CPU, for the layers whose ridged Gram
+    condition number exceeds ``max_cond_fp32`` (:data:`GRAM_FP32_MAX_COND`), whose Gram matrices are formed
+    again in float64. With float64 operands everything is float64.
     """
-    Bt_gB = grams.B.transpose(-1, -2) @ g_B
-    K_B = inv_s2 * grams.BtB_inv
-    K_A = inv_s2 * grams.AAt_inv
-    M = grams.BtB_inv @ Bt_gB
-    return K_B, K_A, M, Bt_gB
+    r = AG.shape[-2] // 2
+    A, B = AG[:, :r], BG[..., :r]
+    if compute_dtype is not None:
+        AAt, BtB, gA_At, Bt_gB = packed_grams(AG, BG, compute_dtype)
+        return gram_inverses(A, B, delta, compute_dtype, AAt=AAt, BtB=BtB), gA_At, Bt_gB
+    f64 = torch.float64
+    if AG.dtype == f64 or AG.device.type != "cpu":
+        AAt, BtB, gA_At, Bt_gB = packed_grams(AG, BG, f64)
+        return gram_inverses(A, B, delta, f64, AAt=AAt, BtB=BtB), gA_At, Bt_gB
+    AAt, BtB, gA_At, Bt_gB = (t.to(f64) for t in packed_grams(AG, BG, AG.dtype))
+    grams = gram_inverses(A, B, delta, f64, AAt=AAt, BtB=BtB)
+    bad = torch.maximum(_cond(grams.lam_A), _cond(grams.lam_B)) > max_cond_fp32
+    if bool(bad.any()):
+        idx = bad.nonzero().squeeze(-1)
+        AAt, BtB = AAt.clone(), BtB.clone()
+        AAt[idx] = _gram_rows(A[idx], f64)
+        BtB[idx] = _gram_rows(B[idx].transpose(-1, -2), f64)
+        grams = gram_inverses(A, B, delta, f64, AAt=AAt, BtB=BtB)
+    return grams, gA_At, Bt_gB
 
 
-def _tall_mm_sub(P: torch.Tensor, K: torch.Tensor, Q: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """``P·K − Q·W`` for tall factor-sized P, Q (L × m × r) and r × r matrices K, W; a contiguous result.
+def _tall_mm(P: Tensor, W: Tensor) -> Tensor:
+    """``P·W`` for a tall factor-sized P (L × m × p) and a small W (L × p × q); a contiguous result.
 
-    On CPU the BLAS is about twice as fast on the wide transposed form ``(Kᵀ·Pᵀ − Wᵀ·Qᵀ)ᵀ`` as on the tall one
-    (measured with MKL, r = 8, m = 11008), which pays for the final transposing copy; elsewhere the direct form.
+    On CPU the BLAS is about twice as fast on the wide transposed form ``(Wᵀ·Pᵀ)ᵀ`` as on the tall one (measured
+    with r = 8, m = 11008: 141 µs against 258 µs for two layers), which pays for the final transposing copy.
     """
     if P.device.type != "cpu":
-        return torch.baddbmm(P @ K, Q, W, alpha=-1.0)
-    out = K.transpose(-1, -2) @ P.transpose(-1, -2)
-    out.baddbmm_(W.transpose(-1, -2), Q.transpose(-1, -2), alpha=-1.0)
-    return out.transpose(-1, -2).contiguous()
+        return P @ W
+    return (W.transpose(-1, -2) @ P.transpose(-1, -2)).transpose(-1, -2).contiguous()
 
 
-def _solve_x(
-    grams: GramInverses, g_A: torch.Tensor, K_B: torch.Tensor, K_A: torch.Tensor, M: torch.Tensor,
-    Bt_gB: torch.Tensor, x_solution: str,
-) -> torch.Tensor:
-    """The r × r matrix X, from r × r quantities only (``ĝ_A⁰ Aᵀ = K_B (g_A Aᵀ)``; no factor-sized temporary)."""
-    A = grams.A
+def _solve_x(grams: GramInverses, gA_At: Tensor, K_B: Tensor, K_A: Tensor, M: Tensor, Bt_gB: Tensor,
+             x_solution: str) -> Tensor:
+    """The r × r matrix X, from r × r quantities only (``ĝ_A⁰ Aᵀ = K_B (g_A Aᵀ)``)."""
     if x_solution == "sylvester":
         # (BᵀB)X + X(AAᵀ) = C with C = −(1/s²)(BᵀB)⁻¹ g_A Aᵀ = −ĝ_A⁰ Aᵀ. In the eigenbases of the two Gram
         # matrices the equation is diagonal: (λ_i + μ_j) X̃_ij = C̃_ij.
-        C = -(K_B @ (g_A @ A.transpose(-1, -2)))
+        C = -(K_B @ gA_At)
         C_t = grams.U_B.transpose(-1, -2) @ C @ grams.U_A
         X_t = C_t / (grams.lam_B.unsqueeze(-1) + grams.lam_A.unsqueeze(-2))
         return grams.U_B @ X_t @ grams.U_A.transpose(-1, -2)
@@ -136,23 +249,53 @@ def _solve_x(
         # argmin_X ‖E + 2·B X A‖ with E = B ĝ_A⁰ − ĝ_B⁰ A  ⇒  X = −½ (BᵀB)⁻¹ (Bᵀ E Aᵀ) (AAᵀ)⁻¹,
         # where Bᵀ E Aᵀ = (BᵀB)(ĝ_A⁰ Aᵀ) − (Bᵀ ĝ_B⁰)(AAᵀ) and Bᵀ ĝ_B⁰ = (Bᵀg_B − (BᵀB)M) K_A need no m × n product.
         Bt_hB0 = (Bt_gB - grams.BtB @ M) @ K_A
-        BtEAt = grams.BtB @ (K_B @ (g_A @ A.transpose(-1, -2))) - Bt_hB0 @ grams.AAt
+        BtEAt = grams.BtB @ (K_B @ gA_At) - Bt_hB0 @ grams.AAt
         return -0.5 * (grams.BtB_inv @ BtEAt @ grams.AAt_inv)
     raise ValueError(f"Invalid x_solution {x_solution!r}: choose one of {X_SOLUTIONS}.")
 
 
+def adjusted_gradients_packed(
+    grams: GramInverses, AG: Tensor, BG: Tensor, scaling: Tensor, x_solution: str,
+    gA_At: Tensor, Bt_gB: Tensor,
+) -> Tuple[Tensor, Tensor]:
+    """:func:`adjusted_gradients` from packed operands ``AG = [A; g_A]``, ``BG = [B, g_B]`` (see :func:`pack`)
+    and their cross terms (:func:`packed_grams` or :func:`cross_terms`).
+
+    All the r × r algebra runs first, in the compute dtype: ``K_B = (1/s²)(BᵀB)⁻¹``, ``K_A = (1/s²)(AAᵀ)⁻¹``,
+    ``M = (BᵀB)⁻¹(Bᵀg_B)`` (so ``P_B·g_B = B·M``) and X. Then one product per factor, in the packed dtype::
+
+        ĝ_A = K_B·g_A + X·A = [X, K_B]·AG,      ĝ_B = g_B·K_A − B·(M·K_A + X) = BG·[−(M·K_A + X); K_A]
+
+    Returns:
+        (ĝ_A (L, r, n), ĝ_B (L, m, r)) in the packed dtype.
+    """
+    if x_solution not in X_SOLUTIONS:
+        raise ValueError(f"Invalid x_solution {x_solution!r}: choose one of {X_SOLUTIONS}.")
+    cdt, wdt = grams.BtB.dtype, AG.dtype
+    r = AG.shape[-2] // 2
+    inv_s2 = (1.0 / scaling.to(cdt) ** 2).view(-1, 1, 1)
+    K_B = inv_s2 * grams.BtB_inv
+    K_A = inv_s2 * grams.AAt_inv
+    M = grams.BtB_inv @ Bt_gB
+    MK = M @ K_A
+    if x_solution == "zero":
+        hA = K_B.to(wdt) @ AG[:, r:]
+    else:
+        X = _solve_x(grams, gA_At, K_B, K_A, M, Bt_gB, x_solution)
+        MK = MK + X
+        hA = torch.cat([X, K_B], dim=-1).to(wdt) @ AG
+    hB = _tall_mm(BG, torch.cat([-MK, K_A], dim=-2).to(wdt))
+    return hA, hB
+
+
 def adjusted_gradients(
     grams: GramInverses,
-    g_A: torch.Tensor,
-    g_B: torch.Tensor,
-    scaling: torch.Tensor,
+    g_A: Tensor,
+    g_B: Tensor,
+    scaling: Tensor,
     x_solution: str = "sylvester",
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> Tuple[Tensor, Tensor]:
     """LoRA-Pro's adjusted factor gradients (ĝ_A, ĝ_B) for a batch of pairs.
-
-    Computed as ``ĝ_A = K_B·g_A + X·A`` and ``ĝ_B = g_B·K_A − B·(M·K_A + X)`` (see :func:`_rr_terms`): all the
-    r × r algebra first, then two fused matmul-adds per factor, so each factor-sized tensor is read or written a
-    handful of times.
 
     Args:
         grams: :func:`gram_inverses` of the current factors.
@@ -162,35 +305,46 @@ def adjusted_gradients(
         x_solution: ``"sylvester"``, ``"zero"`` or ``"symmetric"``.
 
     Returns:
-        (ĝ_A, ĝ_B) in the compute dtype.
+        (ĝ_A, ĝ_B) in the work dtype of the factors (see :func:`adjusted_gradients_packed`).
     """
     if x_solution not in X_SOLUTIONS:
         raise ValueError(f"Invalid x_solution {x_solution!r}: choose one of {X_SOLUTIONS}.")
-    dt = grams.A.dtype
-    g_A, g_B = g_A.to(dt), g_B.to(dt)
-    inv_s2 = (1.0 / scaling.to(dt) ** 2).view(-1, 1, 1)
-    K_B, K_A, M, Bt_gB = _rr_terms(grams, g_B, inv_s2)
-    hA = K_B @ g_A
-    MK = M @ K_A
-    if x_solution != "zero":
-        X = _solve_x(grams, g_A, K_B, K_A, M, Bt_gB, x_solution)
-        hA.baddbmm_(X, grams.A)
-        MK = MK + X
-    return hA, _tall_mm_sub(g_B, K_A, grams.B, MK)
+    AG, BG = pack(grams.A, grams.B, g_A, g_B, dtype=grams.A.dtype)
+    gA_At, Bt_gB = cross_terms(AG, BG, grams.BtB.dtype)
+    return adjusted_gradients_packed(grams, AG, BG, scaling, x_solution, gA_At, Bt_gB)
+
+
+def equivalent_gradient_factors_packed(
+    grams: GramInverses, AG: Tensor, BG: Tensor, scaling: Tensor, Bt_gB: Tensor
+) -> Tuple[Tensor, Tensor]:
+    """:func:`equivalent_gradient_factors` from packed operands (see :func:`adjusted_gradients_packed`).
+
+    ``left = [s·B, s·ĝ_B⁰] = BG·[[s·I, −M·s·K_A], [0, s·K_A]]`` (one product) and ``right = [K_B·g_A; A]``.
+    """
+    cdt, wdt = grams.BtB.dtype, AG.dtype
+    r = AG.shape[-2] // 2
+    s = scaling.to(cdt).view(-1, 1, 1)
+    K_B = grams.BtB_inv / s**2
+    sK_A = grams.AAt_inv / s
+    M = grams.BtB_inv @ Bt_gB
+    T = torch.zeros(AG.shape[0], 2 * r, 2 * r, dtype=cdt, device=AG.device)
+    T[:, :r, :r] = s * torch.eye(r, dtype=cdt, device=AG.device)
+    T[:, :r, r:] = -(M @ sK_A)
+    T[:, r:, r:] = sK_A
+    left = _tall_mm(BG, T.to(wdt))
+    right = torch.empty_like(AG)
+    torch.matmul(K_B.to(wdt), AG[:, r:], out=right[:, :r])
+    right[:, r:].copy_(AG[:, :r])
+    return left, right
 
 
 def equivalent_gradient_factors(
-    grams: GramInverses, g_A: torch.Tensor, g_B: torch.Tensor, scaling: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    grams: GramInverses, g_A: Tensor, g_B: Tensor, scaling: Tensor
+) -> Tuple[Tensor, Tensor]:
     """Factors (L_f, R_f) with ``g̃ = L_f @ R_f`` = P_B G + (I − P_B) G P_A, a rank-2r product.
 
-    ``L_f = [s·B, s·ĝ_B⁰]`` (m × 2r) and ``R_f = [ĝ_A⁰; A]`` (2r × n), X-independent.
+    ``L_f = [s·B, s·ĝ_B⁰]`` (m × 2r) and ``R_f = [ĝ_A⁰; A]`` (2r × n), X-independent, in the work dtype.
     """
-    dt = grams.A.dtype
-    g_A, g_B = g_A.to(dt), g_B.to(dt)
-    s = scaling.to(dt).view(-1, 1, 1)
-    K_B, K_A, M, _ = _rr_terms(grams, g_B, 1.0 / s**2)
-    sK_A = s * K_A  # s·ĝ_B⁰ = g_B·(s·K_A) − B·(M·s·K_A)
-    left = torch.cat([s * grams.B, _tall_mm_sub(g_B, sK_A, grams.B, M @ sK_A)], dim=-1)
-    right = torch.cat([K_B @ g_A, grams.A], dim=-2)
-    return left, right
+    AG, BG = pack(grams.A, grams.B, g_A, g_B, dtype=grams.A.dtype)
+    _, Bt_gB = cross_terms(AG, BG, grams.BtB.dtype)
+    return equivalent_gradient_factors_packed(grams, AG, BG, scaling, Bt_gB)

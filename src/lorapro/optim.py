@@ -157,9 +157,7 @@ def _check_range(name: str, value: float, low: float, high: Optional[float] = No
         raise ValueError(f"Invalid {name}: {value} (must be {bound}).")
 
 
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the m × n work and default optimizer state: at least float32."""
-    return torch.promote_types(dtype, torch.float32)
+_work_dtype = F.work_dtype  # the dtype of the m × n work and default optimizer state: at least float32
 
 
 # Full mode walks the m × n moments in blocks of rows of about this many elements on CPU (4 MiB in fp32): the
@@ -169,6 +167,11 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 # with 2 threads on 2 busy cores: 2.4-14 s per step instead of 0.43 s with OMP_WAIT_POLICY=PASSIVE) — so blocks
 # are used on one thread or with passive waiting; otherwise, and on accelerators, a block is the whole matrix.
 _CPU_BLOCK_ELEMS = 1 << 20
+
+# On CPU a bucket of same-shape pairs is processed in chunks of about this many bytes of packed factors and
+# gradients, so that the step's factor-sized temporaries stay in cache and are recycled by the allocator instead
+# of being faulted in afresh every step (measured on Llama-2-7B layer counts: see benchmarks/optimizer_step.py).
+_CPU_BUCKET_BYTES = int(os.environ.get("LORAPRO_BUCKET_BYTES", 4 << 20))
 
 
 def _cpu_blocks_pay_off() -> bool:
@@ -184,15 +187,18 @@ class _LoRAProBase(Optimizer):
         defaults: Dict[str, Any],
         *,
         model: Optional[nn.Module],
-        compute_dtype: torch.dtype,
+        compute_dtype: Optional[torch.dtype],
         state_dtype: Optional[torch.dtype],
         shard_state: bool = False,
     ) -> None:
-        if compute_dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"Invalid compute_dtype {compute_dtype}: use torch.float64 (default) or torch.float32.")
+        if compute_dtype not in (None, torch.float32, torch.float64):
+            raise ValueError(
+                f"Invalid compute_dtype {compute_dtype}: use None (default: automatic), torch.float64 or torch.float32."
+            )
         if state_dtype is not None and not state_dtype.is_floating_point:
             raise ValueError(f"Invalid state_dtype {state_dtype}: use a floating-point dtype such as torch.bfloat16.")
         self.compute_dtype = compute_dtype
+        self._rr_dtype = compute_dtype or torch.float64  # dtype of the r × r algebra
         self.state_dtype = state_dtype
         super().__init__(build_param_groups(params, model), defaults)
         _dist.check_params_supported(self.param_groups)
@@ -313,23 +319,33 @@ class _LoRAProBase(Optimizer):
         for item in pairs:
             _, A, B, _ = item
             buckets[(B.shape[0], A.shape[1], A.shape[0], A.dtype, A.device)].append(item)
-        return list(buckets.values())
+        out = []
+        for bucket in buckets.values():
+            _, A, B, _ = bucket[0]
+            if A.device.type != "cpu":
+                out.append(bucket)
+                continue
+            packed_bytes = 2 * (A.numel() + B.numel()) * _work_dtype(A.dtype).itemsize
+            per_chunk = max(1, _CPU_BUCKET_BYTES // packed_bytes)
+            out += [bucket[i: i + per_chunk] for i in range(0, len(bucket), per_chunk)]
+        return out
 
-    def _stack(self, bucket: list) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Stacked factors, gradients (missing ones as zeros) and scalings of a bucket, in the compute dtype."""
-        cdt = self.compute_dtype
+    def _pack(self, bucket: list) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Packed factors and gradients of a bucket, ``AG = [A; g_A]`` (L, 2r, n) and ``BG = [B, g_B]`` (L, m, 2r)
+        in the work dtype (missing gradients as zeros, see :func:`lorapro.functional.pack`), and the scalings (L,)
+        in the compute dtype."""
+        A = [a for _, a, _, _ in bucket]
+        B = [b for _, _, b, _ in bucket]
+        gA = [a.grad if a.grad is not None else torch.zeros_like(a) for a in A]
+        gB = [b.grad if b.grad is not None else torch.zeros_like(b) for b in B]
+        AG, BG = F.pack(A, B, gA, gB)
+        s = torch.tensor([sc for _, _, _, sc in bucket], dtype=self._rr_dtype, device=AG.device)
+        return AG, BG, s
 
-        def stacked(tensors: List[torch.Tensor]) -> torch.Tensor:
-            out = torch.empty((len(tensors), *tensors[0].shape), dtype=cdt, device=tensors[0].device)
-            torch._foreach_copy_(list(out.unbind(0)), tensors)  # one pass per tensor, converting on the way
-            return out
-
-        A = stacked([a for _, a, _, _ in bucket])
-        B = stacked([b for _, _, b, _ in bucket])
-        gA = stacked([a.grad if a.grad is not None else torch.zeros_like(a) for _, a, _, _ in bucket])
-        gB = stacked([b.grad if b.grad is not None else torch.zeros_like(b) for _, _, b, _ in bucket])
-        s = torch.tensor([sc for _, _, _, sc in bucket], dtype=cdt, device=A.device)
-        return A, B, gA, gB, s
+    def _grams(self, group: Dict[str, Any], AG: torch.Tensor, BG: torch.Tensor
+               ) -> Tuple[F.GramInverses, torch.Tensor, torch.Tensor]:
+        """:class:`lorapro.functional.GramInverses` of a packed bucket and its cross terms (g_A·Aᵀ, Bᵀ·g_B)."""
+        return F.packed_gram_inverses(AG, BG, group["delta"], self.compute_dtype)
 
     @staticmethod
     def _apply(bucket: list, A: torch.Tensor, B: torch.Tensor, dA: torch.Tensor, dB: torch.Tensor,
@@ -359,20 +375,56 @@ def _new_step(state: Dict[str, Any]) -> float:
     return float(state["step"].item())
 
 
-def _adam_update(params: List[torch.Tensor], exp_avgs: List[torch.Tensor], exp_avg_sqs: List[torch.Tensor],
-                 step_sizes: List[float], denom_eps: List[float], decay: float) -> None:
-    """θ ← θ·decay + step_size·m / (√v + denom_eps) for every tensor, with foreach ops in the work dtype.
+def _fused_adamw_ok(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW kernel takes these tensors: CPU (its CPU kernel exists from torch 2.4), one
+    float32 / float64 dtype for parameters, gradients and moments, contiguous tensors. On accelerators the foreach
+    path is used (the step counts here live on the host; the fused CUDA kernel wants them on the device)."""
+    t0 = tensors[0]
+    return (
+        _HAS_FUSED_CPU_ADAMW
+        and t0.device.type == "cpu"
+        and t0.dtype in (torch.float32, torch.float64)
+        and all(t.dtype == t0.dtype and t.device == t0.device and t.is_contiguous() for t in tensors)
+    )
 
-    Parameters narrower than float32 (bf16, fp16) are updated in float32 and rounded once.
+
+_HAS_FUSED_CPU_ADAMW = hasattr(torch, "_fused_adamw_") and tuple(
+    int(x) for x in torch.__version__.split("+")[0].split(".")[:2]
+) >= (2, 4)
+
+
+def adamw_update(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[torch.Tensor],
+                 exp_avg_sqs: List[torch.Tensor], steps: List[torch.Tensor], *, lr: float, beta1: float,
+                 beta2: float, eps: float, weight_decay: float) -> None:
+    """One AdamW update of every tensor with the given gradients (``steps``: step counts, already incremented).
+
+    ``m ← β1·m + (1 − β1)·g``, ``v ← β2·v + (1 − β2)·g²``, ``θ ← θ·(1 − lr·λ) − lr·(m/(1 − β1ᵗ))/(√(v/(1 − β2ᵗ)) + ε)``.
+    Uses torch's fused AdamW kernel where it applies (:func:`_fused_adamw_ok`; one pass over memory instead of
+    about seven), else foreach ops in the work dtype: parameters narrower than float32 (bf16, fp16) are updated
+    in float32 and rounded once.
     """
+    if _fused_adamw_ok([*params, *grads, *exp_avgs, *exp_avg_sqs]):
+        torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=beta1, beta2=beta2,
+                            weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
+        return
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    # (m / (1 − β1ᵗ)) / (√v / √(1 − β2ᵗ) + ε) = (√(1 − β2ᵗ) / (1 − β1ᵗ)) · m / (√v + ε·√(1 − β2ᵗ))
+    step_sizes, denom_eps = [], []
+    for t in steps:
+        t = float(t)
+        bc1, bc2_sqrt = 1.0 - beta1**t, (1.0 - beta2**t) ** 0.5
+        step_sizes.append(-lr * bc2_sqrt / bc1)
+        denom_eps.append(eps * bc2_sqrt)
     wdt = _work_dtype(params[0].dtype)
     exp_avgs = [t.to(wdt) for t in exp_avgs]  # no copy where the state already has the work dtype
     exp_avg_sqs = [t.to(wdt) for t in exp_avg_sqs]
     denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_add_(denom, denom_eps)
     targets = params if all(p.dtype == wdt for p in params) else [p.to(wdt) for p in params]
-    if decay != 1.0:
-        torch._foreach_mul_(targets, decay)
+    if weight_decay != 0.0:
+        torch._foreach_mul_(targets, 1.0 - lr * weight_decay)
     torch._foreach_addcdiv_(targets, exp_avgs, denom, step_sizes)
     if targets is not params:
         torch._foreach_copy_(params, targets)
@@ -452,7 +504,7 @@ class LoRAProAdamW(_LoRAProBase):
         x_solution: str = "sylvester",
         delta: float = 1e-8,
         model: Optional[nn.Module] = None,
-        compute_dtype: torch.dtype = torch.float64,
+        compute_dtype: Optional[torch.dtype] = None,
         state_dtype: Optional[torch.dtype] = None,
         shard_state: bool = False,
         clip_threshold: Optional[float] = 1.0,
@@ -480,24 +532,25 @@ class LoRAProAdamW(_LoRAProBase):
     # -- LoRA pairs ----------------------------------------------------------------------------------------------
 
     def _step_lora_bucket(self, group: Dict[str, Any], bucket: list) -> None:
-        A, B, gA, gB, s = self._stack(bucket)
-        grams = F.gram_inverses(A, B, group["delta"], self.compute_dtype)
+        AG, BG, s = self._pack(bucket)
+        grams, gA_At, Bt_gB = self._grams(group, AG, BG)
         if group["mode"] == "efficient":
-            self._efficient(group, bucket, grams, gA, gB, s)
-        elif group["mode"] == "factored":
-            self._factored(group, bucket, grams, gA, gB, s)
+            hA, hB = F.adjusted_gradients_packed(grams, AG, BG, s, group["x_solution"], gA_At, Bt_gB)
+            self._efficient(group, bucket, hA, hB)
+            return
+        left, right = F.equivalent_gradient_factors_packed(grams, AG, BG, s, Bt_gB)  # g̃ = left @ right
+        if group["mode"] == "factored":
+            self._factored(group, bucket, grams, left, right, s)
         else:
-            self._full(group, bucket, grams, gA, gB, s)
+            self._full(group, bucket, grams, left, right, s)
 
-    def _full(self, group: Dict[str, Any], bucket: list, grams: F.GramInverses, gA: torch.Tensor,
-              gB: torch.Tensor, s: torch.Tensor) -> None:
+    def _full(self, group: Dict[str, Any], bucket: list, grams: F.GramInverses, left: torch.Tensor,
+              right: torch.Tensor, s: torch.Tensor) -> None:
         beta1, beta2 = group["betas"]
         eps = group["eps"]
         _, A0, B0, _ = bucket[0]
         wdt = _work_dtype(A0.dtype)
-        left, right = F.equivalent_gradient_factors(grams, gA, gB, s)
-        left, right = left.to(wdt), right.to(wdt)
-        A_w, B_w = grams.A.to(wdt), grams.B.to(wdt)
+        A_w, B_w = grams.A, grams.B
         m, n = B0.shape[0], A0.shape[1]
         blocks = A0.device.type == "cpu" and _cpu_blocks_pay_off()
         rows = max(1, min(m, _CPU_BLOCK_ELEMS // n)) if blocks else m
@@ -528,21 +581,18 @@ class LoRAProAdamW(_LoRAProBase):
                 uA[i].addmm_(B_w[i, r0:r1].T, buf)
                 torch.matmul(buf, A_w[i].T, out=uB[i, r0:r1])
             step_size[i] = group["lr"] * bc2_sqrt / bc1
-        cdt = self.compute_dtype
-        sc = s.view(-1, 1, 1)
-        hA, hB = F.adjusted_gradients(grams, sc * uA.to(cdt), sc * uB.to(cdt), s, group["x_solution"])
+        sc = s.to(wdt).view(-1, 1, 1)
+        hA, hB = F.adjusted_gradients(grams, uA.mul_(sc), uB.mul_(sc), s, group["x_solution"])
         self._apply(bucket, grams.A, grams.B, hA, hB, step_size, group["lr"], group["weight_decay"])
 
-    def _efficient(self, group: Dict[str, Any], bucket: list, grams: F.GramInverses, gA: torch.Tensor,
-                   gB: torch.Tensor, s: torch.Tensor) -> None:
+    def _efficient(self, group: Dict[str, Any], bucket: list, hA: torch.Tensor, hB: torch.Tensor) -> None:
+        """AdamW on the adjusted gradients (ĝ_A, ĝ_B): moments of factor size on each parameter."""
         beta1, beta2 = group["betas"]
         eps, lr = group["eps"], group["lr"]
-        hA, hB = F.adjusted_gradients(grams, gA, gB, s, group["x_solution"])
         hA, hB = hA.to(self._state_dtype_for(bucket[0][1])), hB.to(self._state_dtype_for(bucket[0][2]))
-        params, grads, exp_avgs, exp_avg_sqs, step_sizes, denom_eps = [], [], [], [], [], []
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
         for i, (_, a, b, _) in enumerate(bucket):
-            t = _new_step(self.state[a])
-            bc1, bc2_sqrt = 1.0 - beta1**t, (1.0 - beta2**t) ** 0.5
+            _new_step(self.state[a])
             for p, h in ((a, hA[i]), (b, hB[i])):
                 st = self.state[p]
                 if "exp_avg" not in st:
@@ -552,16 +602,12 @@ class LoRAProAdamW(_LoRAProBase):
                 grads.append(h.to(st["exp_avg"].dtype))  # no copy unless a loaded checkpoint changed the dtype
                 exp_avgs.append(st["exp_avg"])
                 exp_avg_sqs.append(st["exp_avg_sq"])
-                # (m / (1 − β1ᵗ)) / (√v / √(1 − β2ᵗ) + ε) = (√(1 − β2ᵗ) / (1 − β1ᵗ)) · m / (√v + ε·√(1 − β2ᵗ))
-                step_sizes.append(-lr * bc2_sqrt / bc1)
-                denom_eps.append(eps * bc2_sqrt)
-        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-        _adam_update(params, exp_avgs, exp_avg_sqs, step_sizes, denom_eps, 1.0 - lr * group["weight_decay"])
+                steps.append(self.state[a]["step"])  # A and B of a pair share A's step count
+        adamw_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                     weight_decay=group["weight_decay"])
 
-    def _factored(self, group: Dict[str, Any], bucket: list, grams: F.GramInverses, gA: torch.Tensor,
-                  gB: torch.Tensor, s: torch.Tensor) -> None:
+    def _factored(self, group: Dict[str, Any], bucket: list, grams: F.GramInverses, left: torch.Tensor,
+                  right: torch.Tensor, s: torch.Tensor) -> None:
         """mode="factored" (:mod:`lorapro.factored`): every tensor here is factor-sized, none is m × n.
 
         State on each pair's A: ``exp_avg_sq_row`` (m), ``exp_avg_sq_col`` (n) and, for ``first_moment="lowrank"``,
@@ -572,7 +618,8 @@ class LoRAProAdamW(_LoRAProBase):
         _, A0, B0, _ = bucket[0]
         m, r, n = B0.shape[0], A0.shape[0], A0.shape[1]
         k = 2 * r  # rank of the first-moment EMA = rank of g̃
-        dev, cdt = A0.device, self.compute_dtype
+        # factor-sized work in compute_dtype, or (automatic) in the work dtype with the small eigh / SVD in float64
+        dev, cdt = A0.device, self.compute_dtype or left.dtype
         bc1 = torch.empty(len(bucket), dtype=torch.float64)
         bc2 = torch.empty(len(bucket), dtype=torch.float64)
         sts = []
@@ -591,7 +638,7 @@ class LoRAProAdamW(_LoRAProBase):
             t = _new_step(st)
             bc1[i], bc2[i] = 1.0 - beta1**t, 1.0 - beta2**t
             sts.append(st)
-        left, right = F.equivalent_gradient_factors(grams, gA, gB, s)  # g̃ = left @ right
+        left, right = left.to(cdt), right.to(cdt)  # g̃ = left @ right
         if first == "lowrank":
             # [P, left] and [Q; right] side by side: their Gram matrices serve the truncation and the square sums
             Lc = torch.empty(len(bucket), m, 2 * k, dtype=cdt, device=dev)
@@ -616,7 +663,7 @@ class LoRAProAdamW(_LoRAProBase):
         )
         inv_bc1 = (1.0 / bc1).to(device=dev, dtype=cdt)
         if first == "lowrank":
-            P, Q = FF.lowrank_ema(Lc, Rc, beta1, k, lc_gram, rc_gram)
+            P, Q = FF.lowrank_ema(Lc, Rc, beta1, k, lc_gram, rc_gram, small_dtype=self._rr_dtype)
             for i, st in enumerate(sts):
                 st["exp_avg_left"].copy_(P[i])
                 st["exp_avg_right"].copy_(Q[i])
@@ -626,7 +673,7 @@ class LoRAProAdamW(_LoRAProBase):
             d_left, d_right = FF.scale_factors(left, right, a_vec, b_vec)
         # Adafactor's update clipping: D ← D / max(1, RMS(D)/d), a per-layer factor kept on the device
         shrink = torch.ones_like(inv_bc1) if clip is None else (clip / FF.factored_rms(d_left, d_right)).clamp(max=1.0)
-        uA, uB = FF.project(d_left, d_right, grams.A, grams.B, s)
+        uA, uB = FF.project(d_left, d_right, grams.A.to(cdt), grams.B.to(cdt), s)
         hA, hB = F.adjusted_gradients(grams, uA, uB, s, group["x_solution"])
         if first == "lowrank":
             step_size = group["lr"] * shrink
@@ -688,7 +735,7 @@ class LoRAProSGD(_LoRAProBase):
         x_solution: str = "sylvester",
         delta: float = 1e-8,
         model: Optional[nn.Module] = None,
-        compute_dtype: torch.dtype = torch.float64,
+        compute_dtype: Optional[torch.dtype] = None,
         state_dtype: Optional[torch.dtype] = None,
         shard_state: bool = False,
     ) -> None:
@@ -718,9 +765,9 @@ class LoRAProSGD(_LoRAProBase):
         return d + mu * buf if group["nesterov"] else buf
 
     def _step_lora_bucket(self, group: Dict[str, Any], bucket: list) -> None:
-        A, B, gA, gB, s = self._stack(bucket)
-        grams = F.gram_inverses(A, B, group["delta"], self.compute_dtype)
-        hA, hB = F.adjusted_gradients(grams, gA, gB, s, group["x_solution"])
+        AG, BG, s = self._pack(bucket)
+        grams, gA_At, Bt_gB = self._grams(group, AG, BG)
+        hA, hB = F.adjusted_gradients_packed(grams, AG, BG, s, group["x_solution"], gA_At, Bt_gB)
         dA = torch.stack([self._momentum(group, a, hA[i]) for i, (_, a, _, _) in enumerate(bucket)])
         dB = torch.stack([self._momentum(group, b, hB[i]) for i, (_, _, b, _) in enumerate(bucket)])
         lr = torch.full((len(bucket),), group["lr"], dtype=torch.float64)
