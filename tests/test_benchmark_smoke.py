@@ -50,6 +50,8 @@ def test_every_case_runs_with_exact_state_sizes(ob):
     assert results["lorapro_efficient"].state_bytes == factors
     assert results["adamw_factors"].state_bytes == factors
     assert results["lorapro_efficient_fp32"].state_bytes == factors  # compute dtype does not change the state
+    assert results["lorapro_efficient_fp64"].state_bytes == factors
+    assert results["adamw_factors_fused"].state_bytes == factors
     assert results["lorapro_sgd"].state_bytes == 0  # no momentum: no state
 
 
