@@ -323,12 +323,14 @@ def test_state_dtype_bfloat16_option():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_float32_compute_dtype_close_to_float64():
-    # compute_dtype=torch.float32 (the faster setting on CPU) follows the float64 run closely over several steps
+@pytest.mark.parametrize("cdt,tol", [(None, dict(rtol=1e-4, atol=1e-5)), (torch.float32, dict(rtol=1e-3, atol=5e-5))])
+def test_float32_work_close_to_float64(cdt, tol):
+    # The default (float32 products, float64 small algebra) and compute_dtype=torch.float32 (all float32) follow the
+    # float64 run over several steps; all-float32 less closely (its Gram-matrix route loses precision to cancellation).
     runs = []
-    for cdt in (torch.float64, torch.float32):
+    for c in (torch.float64, cdt):
         model = make_model(dtype=torch.float32)
-        opt = LoRAProAdamW(model, lr=1e-2, mode="factored", compute_dtype=cdt)
+        opt = LoRAProAdamW(model, lr=1e-2, mode="factored", compute_dtype=c)
         for b in batches(4, dtype=torch.float32):
             opt.zero_grad()
             backward(model, b)
@@ -337,7 +339,7 @@ def test_float32_compute_dtype_close_to_float64():
     init = [p.detach() for p in lora_pairs(make_model(dtype=torch.float32)) for p in (p.A, p.B)]
     for p64, p32, p0 in zip(*runs, init):
         assert (p64 - p0).abs().max() > 1e-3  # the factors moved
-        torch.testing.assert_close(p32, p64, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(p32, p64, **tol)
 
 
 def test_load_rejects_other_mode():

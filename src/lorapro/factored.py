@@ -67,9 +67,11 @@ All functions take a leading batch dimension (the layers of one shape) and work 
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
+
+from . import functional as F
 
 __all__ = [
     "FIRST_MOMENTS",
@@ -79,6 +81,8 @@ __all__ = [
     "factored_rms",
     "project",
     "lowrank_ema",
+    "lowrank_maps",
+    "lowrank_step",
 ]
 
 FIRST_MOMENTS = ("lowrank", "factor")
@@ -180,16 +184,24 @@ def lowrank_ema(
     Returns:
         (P', Q') of shapes (L, m, rank), (L, rank, n).
     """
-    p = Lc.shape[-1]
     if lc_gram is None:
         lc_gram = Lc.transpose(-1, -2) @ Lc
     if rc_gram is None:
         rc_gram = Rc @ Rc.transpose(-1, -2)
     sdt = small_dtype or Lc.dtype
-    w = torch.full((p,), 1.0 - beta1, dtype=sdt, device=Lc.device)
+    right_map, left_map = lowrank_maps(lc_gram.to(sdt), rc_gram.to(sdt), beta1, rank, rtol)
+    return Lc @ right_map.to(Lc.dtype), left_map.to(Rc.dtype) @ Rc
+
+
+def lowrank_maps(lc_gram: Tensor, rc_gram: Tensor, beta1: float, rank: int, rtol: float = 1e-12
+                 ) -> Tuple[Tensor, Tensor]:
+    """The p × rank and rank × p maps of :func:`lowrank_ema` (``P' = Lc·right_map``, ``Q' = left_map·Rc``), from
+    the Gram matrices ``LcᵀLc`` and ``Rc Rcᵀ`` alone (L, p, p), in their dtype."""
+    p = lc_gram.shape[-1]
+    w = torch.full((p,), 1.0 - beta1, dtype=lc_gram.dtype, device=lc_gram.device)
     w[:rank] = beta1
-    lam1, U1 = torch.linalg.eigh(lc_gram.to(sdt))
-    lam2, U2 = torch.linalg.eigh(rc_gram.to(sdt))
+    lam1, U1 = torch.linalg.eigh(lc_gram)
+    lam2, U2 = torch.linalg.eigh(rc_gram)
     sq1 = lam1.clamp_min(0.0).sqrt()
     sq2 = lam2.clamp_min(0.0).sqrt()
     wU2 = w.unsqueeze(-1) * U2  # W·U₂
@@ -200,4 +212,140 @@ def lowrank_ema(
     inv_sqrt = torch.where(keep, sigma.clamp_min(torch.finfo(sigma.dtype).tiny).rsqrt(), torch.zeros_like(sigma))
     right_map = (wU2 * sq2.unsqueeze(-2)) @ (Vh.transpose(-1, -2) * inv_sqrt.unsqueeze(-2))  # (L, p, rank)
     left_map = ((inv_sqrt.unsqueeze(-1) * U.transpose(-1, -2) * sq1.unsqueeze(-2)) @ U1.transpose(-1, -2)) * w
-    return Lc @ right_map.to(Lc.dtype), left_map.to(Rc.dtype) @ Rc
+    return right_map, left_map
+
+
+def _blocks(L: int, size: int, like: Tensor) -> Tensor:
+    return torch.zeros(L, size, size, dtype=like.dtype, device=like.device)
+
+
+def lowrank_step(
+    A: List[Tensor], B: List[Tensor], g_A: List[Tensor], g_B: List[Tensor], P: List[Tensor], Q: List[Tensor],
+    row_ema: List[Tensor], col_ema: List[Tensor], scaling: Tensor, *, beta1: float, beta2: float, bc1: Tensor,
+    bc2: Tensor, eps: float, clip_threshold: Optional[float], delta: float, x_solution: str,
+    compute_dtype: Optional[torch.dtype] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One ``mode="factored"``, ``first_moment="lowrank"`` step for L pairs of one shape, in few thin products.
+
+    The same algebra as :func:`square_sums`, :func:`lowrank_ema`, :func:`preconditioner`, :func:`factored_rms`,
+    :func:`project` and :func:`lorapro.functional.adjusted_gradients` composed, reorganised so that every
+    product with a factor-sized operand is one of six (three per side):
+
+    - pack ``BGP = [g_B, B, P]`` (m × 4r) and ``AGQ = [g_A; A; Q]`` (4r × n); their Gram matrices (one product
+      each) give BᵀB, AAᵀ, the cross terms and every Gram matrix of ``Lc = [P, Lf]``, ``Rc = [Q; Rf]``, because
+      ``Lf = [g_B, B]·T`` and ``Rf = S·[g_A; A]`` for r-sized T, S (so Lf and Rf are never formed);
+    - one product per side gives the new EMA factor (``P' = BGP·(Ť·right_map)``) together with what the row
+      (column) sums of g̃² need (``[g_B, B]·T·(Rf Rfᵀ)·Tᵀ``);
+    - the direction's factors ``d_left = diag(a)·P'/(1 − β1ᵗ)``, ``d_right = Q'·diag(b)`` overwrite the P and Q
+      slots, and one product per side (``[B, d_left]ᵀ·d_left``, ``[A; d_right]·d_rightᵀ``) gives the RMS for the
+      clipping and the projections ``Bᵀ·D``, ``D·Aᵀ`` as r-sized factors;
+    - the factor steps are then ``ĥ_A = [X, c·K_B·(Bᵀd_left)]·[A; d_right]`` and
+      ``ĥ_B = [B, d_left]·[−(M·K_A + X); c·(d_right Aᵀ)·K_A]`` (c = s × the clipping factor), one product each.
+
+    Precision: the thin products run in ``compute_dtype`` or, when it is None, the work dtype of the factors; the
+    small algebra (Gram inverses, eigh, SVD) in ``compute_dtype`` or float64, with the Gram matrices BᵀB, AAᵀ of
+    ill-conditioned layers re-formed in float64 (:func:`lorapro.functional.packed_gram_inverses`).
+
+    Args:
+        A, B, g_A, g_B: the L pairs' factors and gradients; P, Q: their first-moment factors (m × 2r, 2r × n);
+        row_ema, col_ema: their second-moment EMAs (m,), (n,), updated in place.
+        scaling: (L,) LoRA scales; bc1, bc2: (L,) bias corrections 1 − β1ᵗ, 1 − β2ᵗ.
+
+    Returns:
+        (ĥ_A, ĥ_B, A, B, P', Q'): the factor steps (the learning rate's multiplicand; clipping included), the
+        current factors and the new first-moment factors, all in the thin-product dtype.
+    """
+    L, (r, n), m = len(A), A[0].shape, B[0].shape[0]
+    k, r2, r4 = 2 * r, 2 * r, 4 * r
+    tdt = compute_dtype or F.work_dtype(A[0].dtype)
+    sdt = compute_dtype or torch.float64
+    dev = A[0].device
+    BGP = torch.empty(L, m, r4, dtype=tdt, device=dev)
+    AGQ = torch.empty(L, r4, n, dtype=tdt, device=dev)
+    dst = [BGP[i, :, :r] for i in range(L)] + [BGP[i, :, r:r2] for i in range(L)] + [BGP[i, :, r2:] for i in range(L)]
+    dst += [AGQ[i, :r] for i in range(L)] + [AGQ[i, r:r2] for i in range(L)] + [AGQ[i, r2:] for i in range(L)]
+    torch._foreach_copy_(dst, [*g_B, *B, *P, *g_A, *A, *Q])
+    Bv, Av = BGP[..., r:r2], AGQ[:, r:r2]
+
+    # Gram matrices of the packed operands (blocks g = 0:r, b = r:2r, p = 2r:4r) and LoRA-Pro's inverses
+    GB = (BGP.transpose(-1, -2) @ BGP).to(sdt)
+    GA = (AGQ @ AGQ.transpose(-1, -2)).to(sdt)
+    if compute_dtype is None and tdt != torch.float64 and dev.type != "cpu":
+        grams = F.gram_inverses(Av, Bv, delta, sdt)  # float64 Gram matrices: cheap on accelerators, no host sync
+    else:
+        grams = F.gram_inverses(Av, Bv, delta, sdt, AAt=GA[:, r:r2, r:r2], BtB=GB[:, r:r2, r:r2])
+        if compute_dtype is None and tdt != torch.float64:
+            grams = F.refine_ill_conditioned(grams, delta)
+    GB[:, r:r2, r:r2], GA[:, r:r2, r:r2] = grams.BtB, grams.AAt
+    s = scaling.to(sdt).view(-1, 1, 1)
+    eye = torch.eye(r, dtype=sdt, device=dev)
+    K_B, K_A, sK_A = grams.BtB_inv / s**2, grams.AAt_inv / s**2, grams.AAt_inv / s
+    M = grams.BtB_inv @ GB[:, r:r2, :r]  # (BᵀB)⁻¹Bᵀg_B
+    # Lf = [g_B, B]·T = [s·B, s·ĝ_B⁰],  Rf = S·[g_A; A] = [K_B·g_A; A]
+    T = _blocks(L, r2, GB)
+    T[:, r:, :r] = s * eye
+    T[:, :r, r:] = sK_A
+    T[:, r:, r:] = -(M @ sK_A)
+    S = _blocks(L, r2, GB)
+    S[:, :r, :r] = K_B
+    S[:, r:, r:] = eye
+    ltl = T.transpose(-1, -2) @ GB[:, :r2, :r2] @ T
+    rrt = S @ GA[:, :r2, :r2] @ S.transpose(-1, -2)
+    # Lc = [P, Lf] = BGP·Tc,  Rc = [Q; Rf] = Sc·AGQ
+    Tc = _blocks(L, r4, GB)
+    Tc[:, r2:, :k] = torch.eye(k, dtype=sdt, device=dev)
+    Tc[:, :r2, k:] = T
+    Sc = _blocks(L, r4, GB)
+    Sc[:, :k, r2:] = torch.eye(k, dtype=sdt, device=dev)
+    Sc[:, k:, :r2] = S
+    lc_gram = Tc.transpose(-1, -2) @ GB @ Tc
+    rc_gram = Sc @ GA @ Sc.transpose(-1, -2)
+    right_map, left_map = lowrank_maps(lc_gram, rc_gram, beta1, k)
+
+    # P' and the row sums of g̃² (rows of [g_B, B]·T·RfRfᵀ·Tᵀ dotted with rows of [g_B, B]); Q' and column sums
+    W_rows = torch.zeros(L, r4, k + r2, dtype=sdt, device=dev)
+    W_rows[:, :, :k] = Tc @ right_map
+    W_rows[:, :r2, k:] = T @ rrt @ T.transpose(-1, -2)
+    Y = F.tall_mm(BGP, W_rows.to(tdt))
+    row = (Y[..., k:] * BGP[..., :r2]).sum(-1).clamp_min_(0.0)
+    W_cols = torch.zeros(L, k + r2, r4, dtype=sdt, device=dev)
+    W_cols[:, :k] = left_map @ Sc
+    W_cols[:, k:, :r2] = S.transpose(-1, -2) @ ltl @ S
+    Z = W_cols.to(tdt) @ AGQ
+    col = (Z[:, k:] * AGQ[:, :r2]).sum(-2).clamp_min_(0.0)
+    P_new, Q_new = Y[..., :k], Z[:, :k]
+
+    # second moment (EMAs of the row / column sums) and the preconditioner
+    sdt_state = row_ema[0].dtype
+    torch._foreach_mul_(row_ema, beta2)
+    torch._foreach_add_(row_ema, [x.to(sdt_state) for x in row.unbind(0)], alpha=1.0 - beta2)
+    torch._foreach_mul_(col_ema, beta2)
+    torch._foreach_add_(col_ema, [x.to(sdt_state) for x in col.unbind(0)], alpha=1.0 - beta2)
+    inv_bc2 = (1.0 / bc2).to(device=dev, dtype=tdt).unsqueeze(-1)
+    a_vec, b_vec = preconditioner(torch.stack(row_ema).to(tdt) * inv_bc2, torch.stack(col_ema).to(tdt) * inv_bc2, eps)
+    inv_bc1 = (1.0 / bc1).to(device=dev, dtype=tdt).view(-1, 1)
+
+    # D = diag(a)·P'·Q'·diag(b)/(1 − β1ᵗ): its factors overwrite the P and Q slots
+    torch.mul(P_new, (a_vec * inv_bc1).unsqueeze(-1), out=BGP[..., r2:])
+    torch.mul(Q_new, b_vec.unsqueeze(-2), out=AGQ[:, r2:])
+    HB = (BGP[..., r:].transpose(-1, -2) @ BGP[..., r2:]).to(sdt)  # [Bᵀd_left; d_leftᵀd_left]
+    HA = (AGQ[:, r:] @ AGQ[:, r2:].transpose(-1, -2)).to(sdt)  # [A d_rightᵀ; d_right d_rightᵀ]
+    Cb, Ca = HB[:, :r], HA[:, :r].transpose(-1, -2)  # Bᵀ·d_left (r × 2r), d_right·Aᵀ (2r × r)
+    c = s
+    if clip_threshold is not None:  # Adafactor's update clipping: RMS(D)² = tr((d_leftᵀd_left)(d_right d_rightᵀ))/(m·n)
+        rms = ((HB[:, r:] * HA[:, r:]).sum((-1, -2)).clamp_min(0.0) / (m * n)).sqrt()
+        c = s * (clip_threshold / rms).clamp(max=1.0).view(-1, 1, 1)
+
+    # projection back: u_A = c·(Bᵀd_left)·d_right, u_B = c·d_left·(d_right Aᵀ); their cross terms are r × r
+    cross = c * (Cb @ Ca)  # = u_A Aᵀ = Bᵀ u_B
+    M_u = grams.BtB_inv @ cross
+    MK = M_u @ K_A
+    W_A = torch.zeros(L, r, 3 * r, dtype=sdt, device=dev)
+    W_A[:, :, r:] = c * (K_B @ Cb)
+    if x_solution != "zero":
+        X = F.solve_x(grams, cross, K_B, K_A, M_u, cross, x_solution)
+        W_A[:, :, :r] = X
+        MK = MK + X
+    hA = W_A.to(tdt) @ AGQ[:, r:]
+    hB = F.tall_mm(BGP[..., r:], torch.cat([-MK, c * (Ca @ K_A)], dim=-2).to(tdt))
+    return hA, hB, Av, Bv, P_new, Q_new

@@ -54,6 +54,7 @@ __all__ = [
     "cross_terms",
     "gram_inverses",
     "packed_gram_inverses",
+    "refine_ill_conditioned",
     "GRAM_FP32_MAX_COND",
     "adjusted_gradients",
     "adjusted_gradients_packed",
@@ -214,17 +215,24 @@ def packed_gram_inverses(
         return gram_inverses(A, B, delta, f64, AAt=AAt, BtB=BtB), gA_At, Bt_gB
     AAt, BtB, gA_At, Bt_gB = (t.to(f64) for t in packed_grams(AG, BG, AG.dtype))
     grams = gram_inverses(A, B, delta, f64, AAt=AAt, BtB=BtB)
-    bad = torch.maximum(_cond(grams.lam_A), _cond(grams.lam_B)) > max_cond_fp32
-    if bool(bad.any()):
-        idx = bad.nonzero().squeeze(-1)
-        AAt, BtB = AAt.clone(), BtB.clone()
-        AAt[idx] = _gram_rows(A[idx], f64)
-        BtB[idx] = _gram_rows(B[idx].transpose(-1, -2), f64)
-        grams = gram_inverses(A, B, delta, f64, AAt=AAt, BtB=BtB)
-    return grams, gA_At, Bt_gB
+    return refine_ill_conditioned(grams, delta, max_cond_fp32), gA_At, Bt_gB
 
 
-def _tall_mm(P: Tensor, W: Tensor) -> Tensor:
+def refine_ill_conditioned(grams: GramInverses, delta: float, max_cond: float = GRAM_FP32_MAX_COND) -> GramInverses:
+    """Re-form in float64 the Gram matrices of the layers whose ridged condition number (either side) exceeds
+    ``max_cond``, from the factors ``grams.A``, ``grams.B``; ``grams`` itself when no layer does."""
+    bad = torch.maximum(_cond(grams.lam_A), _cond(grams.lam_B)) > max_cond
+    if not bool(bad.any()):
+        return grams
+    f64 = torch.float64
+    idx = bad.nonzero().squeeze(-1)
+    AAt, BtB = grams.AAt.to(f64).clone(), grams.BtB.to(f64).clone()
+    AAt[idx] = _gram_rows(grams.A[idx], f64)
+    BtB[idx] = _gram_rows(grams.B[idx].transpose(-1, -2), f64)
+    return gram_inverses(grams.A, grams.B, delta, f64, AAt=AAt, BtB=BtB)
+
+
+def tall_mm(P: Tensor, W: Tensor) -> Tensor:
     """``P·W`` for a tall factor-sized P (L × m × p) and a small W (L × p × q); a contiguous result.
 
     On CPU the BLAS is about twice as fast on the wide transposed form ``(Wᵀ·Pᵀ)ᵀ`` as on the tall one (measured
@@ -235,7 +243,7 @@ def _tall_mm(P: Tensor, W: Tensor) -> Tensor:
     return (W.transpose(-1, -2) @ P.transpose(-1, -2)).transpose(-1, -2).contiguous()
 
 
-def _solve_x(grams: GramInverses, gA_At: Tensor, K_B: Tensor, K_A: Tensor, M: Tensor, Bt_gB: Tensor,
+def solve_x(grams: GramInverses, gA_At: Tensor, K_B: Tensor, K_A: Tensor, M: Tensor, Bt_gB: Tensor,
              x_solution: str) -> Tensor:
     """The r × r matrix X, from r × r quantities only (``ĝ_A⁰ Aᵀ = K_B (g_A Aᵀ)``)."""
     if x_solution == "sylvester":
@@ -281,10 +289,10 @@ def adjusted_gradients_packed(
     if x_solution == "zero":
         hA = K_B.to(wdt) @ AG[:, r:]
     else:
-        X = _solve_x(grams, gA_At, K_B, K_A, M, Bt_gB, x_solution)
+        X = solve_x(grams, gA_At, K_B, K_A, M, Bt_gB, x_solution)
         MK = MK + X
         hA = torch.cat([X, K_B], dim=-1).to(wdt) @ AG
-    hB = _tall_mm(BG, torch.cat([-MK, K_A], dim=-2).to(wdt))
+    hB = tall_mm(BG, torch.cat([-MK, K_A], dim=-2).to(wdt))
     return hA, hB
 
 
@@ -331,7 +339,7 @@ def equivalent_gradient_factors_packed(
     T[:, :r, :r] = s * torch.eye(r, dtype=cdt, device=AG.device)
     T[:, :r, r:] = -(M @ sK_A)
     T[:, r:, r:] = sK_A
-    left = _tall_mm(BG, T.to(wdt))
+    left = tall_mm(BG, T.to(wdt))
     right = torch.empty_like(AG)
     torch.matmul(K_B.to(wdt), AG[:, r:], out=right[:, :r])
     right[:, r:].copy_(AG[:, :r])

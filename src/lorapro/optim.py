@@ -532,6 +532,9 @@ class LoRAProAdamW(_LoRAProBase):
     # -- LoRA pairs ----------------------------------------------------------------------------------------------
 
     def _step_lora_bucket(self, group: Dict[str, Any], bucket: list) -> None:
+        if group["mode"] == "factored" and group["first_moment"] == "lowrank":
+            self._factored_lowrank(group, bucket)
+            return
         AG, BG, s = self._pack(bucket)
         grams, gA_At, Bt_gB = self._grams(group, AG, BG)
         if group["mode"] == "efficient":
@@ -605,6 +608,53 @@ class LoRAProAdamW(_LoRAProBase):
                 steps.append(self.state[a]["step"])  # A and B of a pair share A's step count
         adamw_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                      weight_decay=group["weight_decay"])
+
+    def _factored_state(self, group: Dict[str, Any], bucket: list) -> Tuple[List[Dict[str, Any]], torch.Tensor, torch.Tensor]:
+        """Create (on the first step) and advance the factored-mode state of a bucket's pairs; returns the states
+        (on each pair's A) and the bias corrections 1 − β1ᵗ, 1 − β2ᵗ (float64, host)."""
+        beta1, beta2 = group["betas"]
+        _, A0, B0, _ = bucket[0]
+        m, r, n = B0.shape[0], A0.shape[0], A0.shape[1]
+        k, dev = 2 * r, A0.device  # k: rank of the first-moment EMA = rank of g̃
+        bc1 = torch.empty(len(bucket), dtype=torch.float64)
+        bc2 = torch.empty(len(bucket), dtype=torch.float64)
+        sts = []
+        for i, (_, a, b, _) in enumerate(bucket):
+            st = self.state[a]
+            if "exp_avg_sq_row" not in st:
+                sdt = self._state_dtype_for(a)
+                st["exp_avg_sq_row"] = torch.zeros(m, dtype=sdt, device=dev)
+                st["exp_avg_sq_col"] = torch.zeros(n, dtype=sdt, device=dev)
+                if group["first_moment"] == "lowrank":
+                    st["exp_avg_left"] = torch.zeros(m, k, dtype=sdt, device=dev)
+                    st["exp_avg_right"] = torch.zeros(k, n, dtype=sdt, device=dev)
+                else:
+                    st["exp_avg"] = torch.zeros(r, n, dtype=sdt, device=dev)
+                    self.state[b]["exp_avg"] = torch.zeros(m, r, dtype=self._state_dtype_for(b), device=dev)
+            t = _new_step(st)
+            bc1[i], bc2[i] = 1.0 - beta1**t, 1.0 - beta2**t
+            sts.append(st)
+        return sts, bc1, bc2
+
+    def _factored_lowrank(self, group: Dict[str, Any], bucket: list) -> None:
+        """mode="factored", first_moment="lowrank": :func:`lorapro.factored.lowrank_step`, then the update."""
+        beta1, beta2 = group["betas"]
+        sts, bc1, bc2 = self._factored_state(group, bucket)
+        A = [a for _, a, _, _ in bucket]
+        B = [b for _, _, b, _ in bucket]
+        gA = [a.grad if a.grad is not None else torch.zeros_like(a) for a in A]
+        gB = [b.grad if b.grad is not None else torch.zeros_like(b) for b in B]
+        s = torch.tensor([sc for _, _, _, sc in bucket], dtype=self._rr_dtype, device=A[0].device)
+        hA, hB, A_cur, B_cur, P, Q = FF.lowrank_step(
+            A, B, gA, gB, [st["exp_avg_left"] for st in sts], [st["exp_avg_right"] for st in sts],
+            [st["exp_avg_sq_row"] for st in sts], [st["exp_avg_sq_col"] for st in sts], s,
+            beta1=beta1, beta2=beta2, bc1=bc1, bc2=bc2, eps=group["eps"], clip_threshold=group["clip_threshold"],
+            delta=group["delta"], x_solution=group["x_solution"], compute_dtype=self.compute_dtype,
+        )
+        torch._foreach_copy_([st[key] for key in ("exp_avg_left", "exp_avg_right") for st in sts],
+                             [*P.unbind(0), *Q.unbind(0)])
+        step_size = torch.full((len(bucket),), group["lr"], dtype=torch.float64)
+        self._apply(bucket, A_cur, B_cur, hA, hB, step_size, group["lr"], group["weight_decay"])
 
     def _factored(self, group: Dict[str, Any], bucket: list, grams: F.GramInverses, left: torch.Tensor,
                   right: torch.Tensor, s: torch.Tensor) -> None:
