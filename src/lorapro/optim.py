@@ -204,6 +204,16 @@ class _LoRAProBase(Optimizer):
         _dist.check_params_supported(self.param_groups)
         # shard_state=True: each rank keeps the state of the LoRA pairs it owns (lorapro.distributed)
         self._sharding = _dist.StateSharding(self) if shard_state else None
+        self._scratch: Dict[Tuple[Any, ...], torch.Tensor] = {}  # see _workspace
+
+    def _workspace(self, name: str, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A buffer kept between steps for a large temporary (one per name, shape, dtype and device; a few MiB:
+        buckets are chunked). Not optimizer state: not saved, not loaded."""
+        key = (name, tuple(shape), dtype, torch.device(device))
+        buf = self._scratch.get(key)
+        if buf is None:
+            buf = self._scratch[key] = torch.empty(shape, dtype=dtype, device=device)
+        return buf
 
     # -- Optimizer API -------------------------------------------------------------------------------------------
 
@@ -350,12 +360,25 @@ class _LoRAProBase(Optimizer):
     @staticmethod
     def _apply(bucket: list, A: torch.Tensor, B: torch.Tensor, dA: torch.Tensor, dB: torch.Tensor,
                step_size: torch.Tensor, lr: float, weight_decay: float) -> None:
-        """θ ← θ·(1 − lr·wd) − step_size·d for both factors of every pair (computed in the compute dtype)."""
-        step_size = step_size.to(device=A.device, dtype=A.dtype).view(-1, 1, 1)  # built on the host
+        """θ ← θ·(1 − lr·wd) − step_size·d for both factors of every pair.
+
+        ``A``, ``B`` are the pairs' current factors in the work dtype; ``dA``, ``dB`` are temporaries of the step
+        (scaled in place here). Parameters of the work dtype are updated in place; narrower ones (bf16) are
+        computed in the work dtype and rounded once.
+        """
+        params = [p for _, a, b, _ in bucket for p in (a, b)]
         decay = 1.0 - lr * weight_decay
+        if all(p.dtype == dA.dtype == dB.dtype and p.device == dA.device for p in params):
+            steps = [float(x) for x in step_size.tolist() for _ in range(2)]
+            ds = [t for pair in zip(dA.unbind(0), dB.unbind(0)) for t in pair]
+            torch._foreach_mul_(ds, steps)
+            if decay != 1.0:
+                torch._foreach_mul_(params, decay)
+            torch._foreach_sub_(params, ds)
+            return
+        step_size = step_size.to(device=A.device, dtype=A.dtype).view(-1, 1, 1)  # built on the host
         new_A = torch.addcmul(A * decay if decay != 1.0 else A, step_size, dA, value=-1.0)
         new_B = torch.addcmul(B * decay if decay != 1.0 else B, step_size, dB, value=-1.0)
-        params = [p for _, a, b, _ in bucket for p in (a, b)]
         torch._foreach_copy_(params, [t for pair in zip(new_A.unbind(0), new_B.unbind(0)) for t in pair])
 
     def _state_dtype_for(self, p: torch.Tensor) -> torch.dtype:
@@ -650,6 +673,7 @@ class LoRAProAdamW(_LoRAProBase):
             [st["exp_avg_sq_row"] for st in sts], [st["exp_avg_sq_col"] for st in sts], s,
             beta1=beta1, beta2=beta2, bc1=bc1, bc2=bc2, eps=group["eps"], clip_threshold=group["clip_threshold"],
             delta=group["delta"], x_solution=group["x_solution"], compute_dtype=self.compute_dtype,
+            workspace=self._workspace,
         )
         torch._foreach_copy_([st[key] for key in ("exp_avg_left", "exp_avg_right") for st in sts],
                              [*P.unbind(0), *Q.unbind(0)])
