@@ -55,6 +55,7 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "factored": dict(optimizer="lorapro", mode="factored"),
     "factored-noclip": dict(optimizer="lorapro", mode="factored", clip_threshold=None),
     "factored-fp32": dict(optimizer="lorapro", mode="factored", compute_dtype="float32"),
+    "factored-fp64": dict(optimizer="lorapro", mode="factored", compute_dtype="float64"),
     "factored-factor": dict(optimizer="lorapro", mode="factored", first_moment="factor"),
     "factored-factor-noclip": dict(optimizer="lorapro", mode="factored", first_moment="factor", clip_threshold=None),
 }

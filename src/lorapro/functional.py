@@ -22,15 +22,17 @@ Implementation choices (all tested against :mod:`lorapro.reference`):
 
 - Every Gram matrix is ridged, ``BᵀB + δI`` and ``AAᵀ + δI`` (δ = 1e-8 by default, as the authors), so the
   PEFT initialisation ``B = 0`` is well defined (then ĝ_A = 0 and g̃ = G·P_A).
-- Two precisions. The Gram matrices BᵀB, AAᵀ and all r × r algebra run in ``compute_dtype`` (float64 by
-  default); the products with factor-sized operands that are not Gram matrices (Bᵀg_B, g_A·Aᵀ and the products
-  that build ĝ) run in the *work dtype* of the factors (float32 for float32 / bf16 parameters). Inverting a Gram
-  matrix formed in float32 loses accuracy like cond(B)²·ε₃₂ (normal equations); the other products lose only
-  cond(B)·ε of the result's size, which is the precision the result is stored in anyway. Converting the factors
-  once for the two Gram products is the whole cost of the float64 default.
+- Precision. All r × r algebra runs in float64 (or ``compute_dtype`` when given). The products with
+  factor-sized operands that are not Gram matrices (Bᵀg_B, g_A·Aᵀ and the products that build ĝ) run in the
+  *work dtype* of the factors (float32 for float32 / bf16 parameters): they lose cond(B)·ε₃₂ of the result's size,
+  the precision the result is stored in anyway. The Gram matrices BᵀB, AAᵀ are inverted, which loses accuracy like
+  cond(B)²·ε₃₂ if they are formed in float32 (normal equations). So by default (:func:`packed_gram_inverses` with
+  ``compute_dtype=None``) they are formed in float32 — in the same product as the cross terms — and re-formed in
+  float64 for the layers whose ridged condition number exceeds :data:`GRAM_FP32_MAX_COND` (on accelerators always
+  in float64). ``compute_dtype=torch.float64`` forms every Gram matrix in float64, ``torch.float32`` none.
 - Factor-sized operands are *packed*: ``AG = [A; g_A]`` (2r × n) and ``BG = [B, g_B]`` (m × 2r), so
-  ``ĝ_A = [X, K_B]·AG`` and ``ĝ_B = BG·[−(M·K_A + X); K_A]`` are one matrix product each, and with a float32
-  compute dtype one product per side gives both the Gram matrix and the cross term (``AG·Aᵀ``, ``Bᵀ·BG``).
+  ``ĝ_A = [X, K_B]·AG`` and ``ĝ_B = BG·[−(M·K_A + X); K_A]`` are one matrix product each, and one product per
+  side gives both the Gram matrix and the cross term (``AG·Aᵀ``, ``Bᵀ·BG``) when both are formed in one dtype.
   These r-thin products, not the r × r algebra, are what the step costs.
 - ``I − P_B`` is applied as ``Y − B·((BᵀB)⁻¹·(BᵀY))``; no m × m matrix is ever formed.
 - The Sylvester equation is solved through the symmetric eigendecompositions of the two Gram matrices

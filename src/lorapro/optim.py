@@ -496,7 +496,12 @@ class LoRAProAdamW(_LoRAProBase):
         x_solution: ``"sylvester"`` (default), ``"zero"`` or ``"symmetric"`` — the free r × r matrix X.
         delta: ridge δ added to the Gram matrices BᵀB and AAᵀ before inverting.
         model: with ``params`` given as tensors/groups, the model whose LoRA layers say which tensors pair up.
-        compute_dtype: dtype of the factor-sized algebra (float64 default, float32 allowed).
+        compute_dtype: precision of the LoRA-Pro algebra. ``None`` (default, automatic): r × r algebra in float64,
+            products with factor-sized operands in the factors' work dtype (float32 for float32 / bf16 factors),
+            Gram matrices BᵀB, AAᵀ formed in float32 where their condition number is ≤ 1e3 and in float64 where
+            it is not (on accelerators always in float64); see :mod:`lorapro.functional`. ``torch.float64``: all
+            of it in float64 (the most accurate; on CPU about 1.4× slower in efficient mode). ``torch.float32``:
+            all of it in float32 (fastest; float32 Gram matrices lose accuracy like cond(B)²·1e-7).
         state_dtype: dtype of the moments (default: float32, or the parameter dtype if wider);
             ``torch.bfloat16`` halves full mode's memory.
         shard_state: inside an initialised ``torch.distributed`` process group, keep each LoRA pair's state only
