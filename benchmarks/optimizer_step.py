@@ -129,6 +129,7 @@ RATIOS: List[Tuple[str, str, str, Optional[float], str]] = [
     ("lorapro_factored", "adamw_factors", "<=", 3.0, "LoRA-Pro factored / AdamW on factors"),
     ("lorapro_factored_fp32", "adamw_factors", "<=", 3.0, "LoRA-Pro factored (float32 compute) / AdamW on factors"),
     ("lorapro_factored", "lorapro_efficient", "<=", None, "LoRA-Pro factored / LoRA-Pro efficient"),
+    ("factored_products_floor", "adamw_factors", "<=", None, "factored mode's thin products alone (floor) / AdamW on factors"),
     ("authors_full", "lorapro_full", ">=", 10.0, "authors' formulation / LoRA-Pro full"),
 ]
 
@@ -211,6 +212,46 @@ def _setup_lorapro_factored(cfg: BenchConfig) -> Prepared:
 @register("lorapro_factored_fp32", "LoRA-Pro factored, `compute_dtype=torch.float32`")
 def _setup_lorapro_factored_fp32(cfg: BenchConfig) -> Prepared:
     return _lorapro_case(cfg, mode="factored", betas=BETAS, eps=EPS, compute_dtype=torch.float32)
+
+
+@register("factored_products_floor", "factored mode's eight thin products alone (a floor: no algebra, copies or state)")
+def _setup_factored_products_floor(cfg: BenchConfig) -> Prepared:
+    """Only the eight products with factor-sized operands that one factored-mode step makes per chunk of layers
+    (:func:`lorapro.factored.lowrank_step`), on preallocated random operands, with outputs written in place and the
+    optimizer's CPU chunking. Whatever else the step does only adds to this, so ``floor / AdamW on factors`` bounds
+    from below what any implementation of this design can reach on the machine."""
+    from lorapro import optim as _optim
+    from lorapro.functional import tall_mm
+
+    r = cfg.rank
+    gen = torch.Generator().manual_seed(cfg.seed)
+    work = []
+    for m, n, count in cfg.layers:
+        per_chunk = count
+        if torch.device(cfg.device).type == "cpu":
+            per_chunk = max(1, min(count, _optim._CPU_BUCKET_BYTES // (2 * (m + n) * r * 4)))
+        chunks = [per_chunk] * (count // per_chunk) + ([count % per_chunk] if count % per_chunk else [])
+        for L in sorted(set(chunks)):
+            def rnd(*shape: int) -> torch.Tensor:
+                return torch.randn(*shape, generator=gen).to(device=cfg.device, dtype=cfg.dtype)
+            bufs = dict(BGP=rnd(L, m, 4 * r), AGQ=rnd(L, 4 * r, n), W4=rnd(L, 4 * r, 4 * r), W3=rnd(L, r, 3 * r),
+                        W3t=rnd(L, 3 * r, r), Y=rnd(L, m, 4 * r), Z=rnd(L, 4 * r, n))
+            work.append((chunks.count(L), bufs))
+
+    def step() -> None:
+        for times, b in work:
+            for _ in range(times):
+                BGP, AGQ = b["BGP"], b["AGQ"]
+                BGP.transpose(-1, -2) @ BGP  # Gram matrices of the packed operands
+                AGQ @ AGQ.transpose(-1, -2)
+                torch.matmul(BGP, b["W4"], out=b["Y"])  # new EMA factors with the row / column-sum products
+                torch.matmul(b["W4"], AGQ, out=b["Z"])
+                BGP[..., r:].transpose(-1, -2) @ BGP[..., 2 * r:]  # [B, d_left]ᵀ d_left, [A; d_right] d_rightᵀ
+                AGQ[:, r:] @ AGQ[:, 2 * r:].transpose(-1, -2)
+                b["W3"] @ AGQ[:, r:]  # the factor steps
+                tall_mm(BGP[..., r:], b["W3t"], contiguous=False)
+
+    return Prepared(step=step, state_bytes=lambda: 0)
 
 
 @register("lorapro_sgd", "LoRA-Pro SGD (`LoRAProSGD`, no momentum)")

@@ -57,8 +57,8 @@ GLUE-dev accuracy over 3 seeds; the full table is in the README):
   (float32 products, float64 small algebra) is closer still: after 3 steps on 60 SmolLM2-135M layers its update
   differs from the float64 one by 1.8e-6 relative (median; max 2.4e-4), all-float32's by 1.3e-3 (max 2.5e-2).
 
-Cost: the optimizer runs the default design through :func:`lowrank_step`, six products with factor-sized
-operands per layer (three per side) and r-sized algebra: about 37·(m + n)·r² multiply-adds (the Gram matrices of
+Cost: the optimizer runs the default design through :func:`lowrank_step`, eight products with factor-sized
+operands per layer (four per side) and r-sized algebra: about 37·(m + n)·r² multiply-adds (the Gram matrices of
 the packed m × 4r and 4r × n operands and the product that makes the new EMA factor dominate), against
 O((m + n)·r) elementwise work for AdamW on the factors. So the step is much slower than plain LoRA AdamW's while
 its memory is the same; ``benchmarks/optimizer_step.py`` measures the ratio.
@@ -71,7 +71,7 @@ that forms g̃, v and V̂ explicitly; the tests compare the optimizer with it st
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -219,13 +219,6 @@ def lowrank_maps(lc_gram: Tensor, rc_gram: Tensor, beta1: float, rank: int, rtol
     return right_map, left_map
 
 
-Workspace = Callable[[str, Tuple[int, ...], torch.dtype, torch.device], Tensor]
-
-
-def _fresh(name: str, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _blocks(L: int, size: int, like: Tensor) -> Tensor:
     return torch.zeros(L, size, size, dtype=like.dtype, device=like.device)
 
@@ -234,13 +227,13 @@ def lowrank_step(
     A: List[Tensor], B: List[Tensor], g_A: List[Tensor], g_B: List[Tensor], P: List[Tensor], Q: List[Tensor],
     row_ema: List[Tensor], col_ema: List[Tensor], scaling: Tensor, *, beta1: float, beta2: float, bc1: Tensor,
     bc2: Tensor, eps: float, clip_threshold: Optional[float], delta: float, x_solution: str,
-    compute_dtype: Optional[torch.dtype] = None, workspace: Optional[Workspace] = None,
+    compute_dtype: Optional[torch.dtype] = None, workspace: F.Workspace = F.fresh,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One ``mode="factored"``, ``first_moment="lowrank"`` step for L pairs of one shape, in few thin products.
 
     The same algebra as :func:`square_sums`, :func:`lowrank_ema`, :func:`preconditioner`, :func:`factored_rms`,
     :func:`project` and :func:`lorapro.functional.adjusted_gradients` composed, reorganised so that every
-    product with a factor-sized operand is one of six (three per side):
+    product with a factor-sized operand is one of eight (four per side):
 
     - pack ``BGP = [g_B, B, P]`` (m × 4r) and ``AGQ = [g_A; A; Q]`` (4r × n); their Gram matrices (one product
       each) give BᵀB, AAᵀ, the cross terms and every Gram matrix of ``Lc = [P, Lf]``, ``Rc = [Q; Rf]``, because
@@ -261,10 +254,9 @@ def lowrank_step(
         A, B, g_A, g_B: the L pairs' factors and gradients; P, Q: their first-moment factors (m × 2r, 2r × n);
         row_ema, col_ema: their second-moment EMAs (m,), (n,), updated in place.
         scaling: (L,) LoRA scales; bc1, bc2: (L,) bias corrections 1 − β1ᵗ, 1 − β2ᵗ.
-        workspace: ``workspace(name, shape, dtype, device)`` returning a tensor to reuse for the four largest
-            temporaries (the packed operands and the two products that read them); default: fresh tensors. The
-            optimizer keeps them between steps: freeing and re-allocating a few MiB every step makes glibc return
-            the memory to the OS and fault it in again, which cost a third of the step on our CPU.
+        workspace: where to put the large temporaries (:data:`lorapro.functional.Workspace`; default: fresh
+            tensors). The optimizer keeps them between steps: freeing and re-allocating a few MiB every step made
+            glibc return the memory to the OS and fault it in again, a third of the step on our CPU.
 
     Returns:
         (ĥ_A, ĥ_B, A, B, P', Q'): the factor steps (the learning rate's multiplicand; clipping included), the
@@ -275,7 +267,7 @@ def lowrank_step(
     tdt = compute_dtype or F.work_dtype(A[0].dtype)
     sdt = compute_dtype or torch.float64
     dev = A[0].device
-    ws = workspace or _fresh
+    ws = workspace
     BGP = ws("BGP", (L, m, r4), tdt, dev)
     AGQ = ws("AGQ", (L, r4, n), tdt, dev)
     dst = [BGP[i, :, :r] for i in range(L)] + [BGP[i, :, r:r2] for i in range(L)] + [BGP[i, :, r2:] for i in range(L)]
@@ -362,6 +354,7 @@ def lowrank_step(
         X = F.solve_x(grams, cross, K_B, K_A, M_u, cross, x_solution)
         W_A[:, :, :r] = X
         MK = MK + X
-    hA = W_A.to(tdt) @ AGQ[:, r:]
-    hB = F.tall_mm(BGP[..., r:], torch.cat([-MK, c * (Ca @ K_A)], dim=-2).to(tdt), contiguous=False)
+    hA = torch.matmul(W_A.to(tdt), AGQ[:, r:], out=ws("hA", (L, r, n), tdt, dev))
+    hB = F.tall_mm(BGP[..., r:], torch.cat([-MK, c * (Ca @ K_A)], dim=-2).to(tdt), contiguous=False, workspace=ws,
+                   name="hB")
     return hA, hB, Av, Bv, P_new, Q_new

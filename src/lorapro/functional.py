@@ -43,7 +43,7 @@ Implementation choices (all tested against :mod:`lorapro.reference`):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -68,6 +68,17 @@ X_SOLUTIONS = ("sylvester", "zero", "symmetric")
 
 Tensor = torch.Tensor
 Tensors = Union[Tensor, Sequence[Tensor]]
+
+
+# ``workspace(name, shape, dtype, device) -> Tensor``: where a function may put a large temporary so that the caller
+# can reuse it across steps (the optimizers keep a few MiB of such buffers: freeing and re-allocating them every step
+# can make glibc return the memory to the OS and fault it in again, which cost up to half of a step on our CPU).
+Workspace = Callable[[str, Tuple[int, ...], torch.dtype, torch.device], Tensor]
+
+
+def fresh(name: str, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The default :data:`Workspace`: a new tensor every time."""
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -97,8 +108,8 @@ class GramInverses:
     AAt_inv: Tensor
 
 
-def pack(A: Tensors, B: Tensors, g_A: Tensors, g_B: Tensors, dtype: Optional[torch.dtype] = None
-         ) -> Tuple[Tensor, Tensor]:
+def pack(A: Tensors, B: Tensors, g_A: Tensors, g_B: Tensors, dtype: Optional[torch.dtype] = None,
+         workspace: Workspace = fresh) -> Tuple[Tensor, Tensor]:
     """``AG = [A; g_A]`` (L, 2r, n) and ``BG = [B, g_B]`` (L, m, 2r) in ``dtype`` (default: the work dtype).
 
     Each argument is a stacked (L, ...) tensor or a sequence of L two-dimensional tensors (e.g. the parameters and
@@ -107,8 +118,8 @@ def pack(A: Tensors, B: Tensors, g_A: Tensors, g_B: Tensors, dtype: Optional[tor
     As, Bs, gAs, gBs = (list(t.unbind(0)) if torch.is_tensor(t) else list(t) for t in (A, B, g_A, g_B))
     L, (r, n), m = len(As), As[0].shape, Bs[0].shape[0]
     dtype = dtype or work_dtype(As[0].dtype)
-    AG = torch.empty(L, 2 * r, n, dtype=dtype, device=As[0].device)
-    BG = torch.empty(L, m, 2 * r, dtype=dtype, device=As[0].device)
+    AG = workspace("AG", (L, 2 * r, n), dtype, As[0].device)
+    BG = workspace("BG", (L, m, 2 * r), dtype, As[0].device)
     dst = [AG[i, :r] for i in range(L)] + [AG[i, r:] for i in range(L)]
     dst += [BG[i, :, :r] for i in range(L)] + [BG[i, :, r:] for i in range(L)]
     torch._foreach_copy_(dst, As + gAs + Bs + gBs)
@@ -234,18 +245,23 @@ def refine_ill_conditioned(grams: GramInverses, delta: float, max_cond: float = 
     return gram_inverses(grams.A, grams.B, delta, f64, AAt=AAt, BtB=BtB)
 
 
-def tall_mm(P: Tensor, W: Tensor, contiguous: bool = True) -> Tensor:
+def tall_mm(P: Tensor, W: Tensor, contiguous: bool = True, workspace: Workspace = fresh, name: str = "tall"
+            ) -> Tensor:
     """``P·W`` for a tall factor-sized P (L × m × p) and a small W (L × p × q); a contiguous result unless
     ``contiguous=False`` (then possibly a transposed view, for consumers that read it once elementwise).
 
     On CPU the BLAS is 2-3× slower on a tall product with q = 8 columns than on the wide transposed form
     ``(Wᵀ·Pᵀ)ᵀ`` (measured with m = 11008, p = 16 or 24: 274 / 375 µs against 144 / 186 µs for two layers,
-    including the final transposing copy); from q = 16 on the direct form is faster.
+    including the final transposing copy); from q = 16 on the direct form is faster. The result (and the
+    transposed intermediate) are ``workspace`` buffers named after ``name``.
     """
-    if P.device.type != "cpu" or W.shape[-1] >= 16:
-        return P @ W
-    out = (W.transpose(-1, -2) @ P.transpose(-1, -2)).transpose(-1, -2)
-    return out.contiguous() if contiguous else out
+    L, m, q = P.shape[0], P.shape[-2], W.shape[-1]
+    if P.device.type != "cpu" or q >= 16:
+        return torch.matmul(P, W, out=workspace(name, (L, m, q), P.dtype, P.device))
+    out_t = torch.matmul(W.transpose(-1, -2), P.transpose(-1, -2), out=workspace(name + "_t", (L, q, m), P.dtype, P.device))
+    if not contiguous:
+        return out_t.transpose(-1, -2)
+    return workspace(name, (L, m, q), P.dtype, P.device).copy_(out_t.transpose(-1, -2))
 
 
 def solve_x(grams: GramInverses, gA_At: Tensor, K_B: Tensor, K_A: Tensor, M: Tensor, Bt_gB: Tensor,
@@ -269,7 +285,7 @@ def solve_x(grams: GramInverses, gA_At: Tensor, K_B: Tensor, K_A: Tensor, M: Ten
 
 def adjusted_gradients_packed(
     grams: GramInverses, AG: Tensor, BG: Tensor, scaling: Tensor, x_solution: str,
-    gA_At: Tensor, Bt_gB: Tensor,
+    gA_At: Tensor, Bt_gB: Tensor, workspace: Workspace = fresh,
 ) -> Tuple[Tensor, Tensor]:
     """:func:`adjusted_gradients` from packed operands ``AG = [A; g_A]``, ``BG = [B, g_B]`` (see :func:`pack`)
     and their cross terms (:func:`packed_grams` or :func:`cross_terms`).
@@ -280,7 +296,7 @@ def adjusted_gradients_packed(
         ĝ_A = K_B·g_A + X·A = [X, K_B]·AG,      ĝ_B = g_B·K_A − B·(M·K_A + X) = BG·[−(M·K_A + X); K_A]
 
     Returns:
-        (ĝ_A (L, r, n), ĝ_B (L, m, r)) in the packed dtype.
+        (ĝ_A (L, r, n), ĝ_B (L, m, r)) in the packed dtype, contiguous (``workspace`` buffers "hA", "hB").
     """
     if x_solution not in X_SOLUTIONS:
         raise ValueError(f"Invalid x_solution {x_solution!r}: choose one of {X_SOLUTIONS}.")
@@ -291,13 +307,14 @@ def adjusted_gradients_packed(
     K_A = inv_s2 * grams.AAt_inv
     M = grams.BtB_inv @ Bt_gB
     MK = M @ K_A
+    hA = workspace("hA", (AG.shape[0], r, AG.shape[-1]), wdt, AG.device)
     if x_solution == "zero":
-        hA = K_B.to(wdt) @ AG[:, r:]
+        torch.matmul(K_B.to(wdt), AG[:, r:], out=hA)
     else:
         X = solve_x(grams, gA_At, K_B, K_A, M, Bt_gB, x_solution)
         MK = MK + X
-        hA = torch.cat([X, K_B], dim=-1).to(wdt) @ AG
-    hB = tall_mm(BG, torch.cat([-MK, K_A], dim=-2).to(wdt))
+        torch.matmul(torch.cat([X, K_B], dim=-1).to(wdt), AG, out=hA)
+    hB = tall_mm(BG, torch.cat([-MK, K_A], dim=-2).to(wdt), workspace=workspace, name="hB")
     return hA, hB
 
 

@@ -207,8 +207,11 @@ class _LoRAProBase(Optimizer):
         self._scratch: Dict[Tuple[Any, ...], torch.Tensor] = {}  # see _workspace
 
     def _workspace(self, name: str, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A buffer kept between steps for a large temporary (one per name, shape, dtype and device; a few MiB:
-        buckets are chunked). Not optimizer state: not saved, not loaded."""
+        """A buffer kept between steps for a large temporary of the step (:data:`lorapro.functional.Workspace`):
+        one per name, shape, dtype and device — a few MiB per distinct bucket shape, as buckets are chunked on CPU.
+        Not optimizer state: not saved, not loaded. Freeing and re-allocating such temporaries every step made
+        glibc return the memory to the OS and fault it in again, which cost up to half of a step on our CPU, and
+        how much depended on what else the process had allocated."""
         key = (name, tuple(shape), dtype, torch.device(device))
         buf = self._scratch.get(key)
         if buf is None:
@@ -342,13 +345,13 @@ class _LoRAProBase(Optimizer):
 
     def _pack(self, bucket: list) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Packed factors and gradients of a bucket, ``AG = [A; g_A]`` (L, 2r, n) and ``BG = [B, g_B]`` (L, m, 2r)
-        in the work dtype (missing gradients as zeros, see :func:`lorapro.functional.pack`), and the scalings (L,)
-        in the compute dtype."""
+        in the work dtype (missing gradients as zeros, see :func:`lorapro.functional.pack`; workspace buffers, valid
+        until the next bucket is packed), and the scalings (L,) in the dtype of the r × r algebra."""
         A = [a for _, a, _, _ in bucket]
         B = [b for _, _, b, _ in bucket]
         gA = [a.grad if a.grad is not None else torch.zeros_like(a) for a in A]
         gB = [b.grad if b.grad is not None else torch.zeros_like(b) for b in B]
-        AG, BG = F.pack(A, B, gA, gB)
+        AG, BG = F.pack(A, B, gA, gB, workspace=self._workspace)
         s = torch.tensor([sc for _, _, _, sc in bucket], dtype=self._rr_dtype, device=AG.device)
         return AG, BG, s
 
@@ -566,7 +569,8 @@ class LoRAProAdamW(_LoRAProBase):
         AG, BG, s = self._pack(bucket)
         grams, gA_At, Bt_gB = self._grams(group, AG, BG)
         if group["mode"] == "efficient":
-            hA, hB = F.adjusted_gradients_packed(grams, AG, BG, s, group["x_solution"], gA_At, Bt_gB)
+            hA, hB = F.adjusted_gradients_packed(grams, AG, BG, s, group["x_solution"], gA_At, Bt_gB,
+                                                 workspace=self._workspace)
             self._efficient(group, bucket, hA, hB)
             return
         left, right = F.equivalent_gradient_factors_packed(grams, AG, BG, s, Bt_gB)  # g̃ = left @ right
@@ -846,7 +850,8 @@ class LoRAProSGD(_LoRAProBase):
     def _step_lora_bucket(self, group: Dict[str, Any], bucket: list) -> None:
         AG, BG, s = self._pack(bucket)
         grams, gA_At, Bt_gB = self._grams(group, AG, BG)
-        hA, hB = F.adjusted_gradients_packed(grams, AG, BG, s, group["x_solution"], gA_At, Bt_gB)
+        hA, hB = F.adjusted_gradients_packed(grams, AG, BG, s, group["x_solution"], gA_At, Bt_gB,
+                                                 workspace=self._workspace)
         dA = torch.stack([self._momentum(group, a, hA[i]) for i, (_, a, _, _) in enumerate(bucket)])
         dB = torch.stack([self._momentum(group, b, hB[i]) for i, (_, _, b, _) in enumerate(bucket)])
         lr = torch.full((len(bucket),), group["lr"], dtype=torch.float64)
