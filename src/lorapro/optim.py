@@ -343,15 +343,20 @@ class _LoRAProBase(Optimizer):
             out += [bucket[i: i + per_chunk] for i in range(0, len(bucket), per_chunk)]
         return out
 
-    def _pack(self, bucket: list) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Packed factors and gradients of a bucket, ``AG = [A; g_A]`` (L, 2r, n) and ``BG = [B, g_B]`` (L, m, 2r)
-        in the work dtype (missing gradients as zeros, see :func:`lorapro.functional.pack`; workspace buffers, valid
-        until the next bucket is packed), and the scalings (L,) in the dtype of the r × r algebra."""
+    @staticmethod
+    def _factors_and_grads(bucket: list) -> Tuple[List[torch.Tensor], ...]:
+        """The A's, B's and their gradients (a missing one as zeros) of a bucket's pairs."""
         A = [a for _, a, _, _ in bucket]
         B = [b for _, _, b, _ in bucket]
         gA = [a.grad if a.grad is not None else torch.zeros_like(a) for a in A]
         gB = [b.grad if b.grad is not None else torch.zeros_like(b) for b in B]
-        AG, BG = F.pack(A, B, gA, gB, workspace=self._workspace)
+        return A, B, gA, gB
+
+    def _pack(self, bucket: list) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Packed factors and gradients of a bucket, ``AG = [A; g_A]`` (L, 2r, n) and ``BG = [B, g_B]`` (L, m, 2r)
+        in the work dtype (missing gradients as zeros, see :func:`lorapro.functional.pack`; workspace buffers, valid
+        until the next bucket is packed), and the scalings (L,) in the dtype of the r × r algebra."""
+        AG, BG = F.pack(*self._factors_and_grads(bucket), workspace=self._workspace)
         s = torch.tensor([sc for _, _, _, sc in bucket], dtype=self._rr_dtype, device=AG.device)
         return AG, BG, s
 
@@ -575,7 +580,7 @@ class LoRAProAdamW(_LoRAProBase):
             return
         left, right = F.equivalent_gradient_factors_packed(grams, AG, BG, s, Bt_gB)  # g̃ = left @ right
         if group["mode"] == "factored":
-            self._factored(group, bucket, grams, left, right, s)
+            self._factored_factor(group, bucket, grams, left, right, s)
         else:
             self._full(group, bucket, grams, left, right, s)
 
@@ -643,7 +648,11 @@ class LoRAProAdamW(_LoRAProBase):
 
     def _factored_state(self, group: Dict[str, Any], bucket: list) -> Tuple[List[Dict[str, Any]], torch.Tensor, torch.Tensor]:
         """Create (on the first step) and advance the factored-mode state of a bucket's pairs; returns the states
-        (on each pair's A) and the bias corrections 1 − β1ᵗ, 1 − β2ᵗ (float64, host)."""
+        (on each pair's A) and the bias corrections 1 − β1ᵗ, 1 − β2ᵗ (float64, host).
+
+        State on each pair's A: ``exp_avg_sq_row`` (m), ``exp_avg_sq_col`` (n) and, for ``first_moment="lowrank"``,
+        ``exp_avg_left`` (m × 2r), ``exp_avg_right`` (2r × n); for ``"factor"``, ``exp_avg`` on A (r × n) and B (m × r).
+        """
         beta1, beta2 = group["betas"]
         _, A0, B0, _ = bucket[0]
         m, r, n = B0.shape[0], A0.shape[0], A0.shape[1]
@@ -672,10 +681,7 @@ class LoRAProAdamW(_LoRAProBase):
         """mode="factored", first_moment="lowrank": :func:`lorapro.factored.lowrank_step`, then the update."""
         beta1, beta2 = group["betas"]
         sts, bc1, bc2 = self._factored_state(group, bucket)
-        A = [a for _, a, _, _ in bucket]
-        B = [b for _, _, b, _ in bucket]
-        gA = [a.grad if a.grad is not None else torch.zeros_like(a) for a in A]
-        gB = [b.grad if b.grad is not None else torch.zeros_like(b) for b in B]
+        A, B, gA, gB = self._factors_and_grads(bucket)
         s = torch.tensor([sc for _, _, _, sc in bucket], dtype=self._rr_dtype, device=A[0].device)
         hA, hB, A_cur, B_cur, P, Q = FF.lowrank_step(
             A, B, gA, gB, [st["exp_avg_left"] for st in sts], [st["exp_avg_right"] for st in sts],
@@ -689,52 +695,17 @@ class LoRAProAdamW(_LoRAProBase):
         step_size = torch.full((len(bucket),), group["lr"], dtype=torch.float64)
         self._apply(bucket, A_cur, B_cur, hA, hB, step_size, group["lr"], group["weight_decay"])
 
-    def _factored(self, group: Dict[str, Any], bucket: list, grams: F.GramInverses, left: torch.Tensor,
-                  right: torch.Tensor, s: torch.Tensor) -> None:
-        """mode="factored" (:mod:`lorapro.factored`): every tensor here is factor-sized, none is m × n.
-
-        State on each pair's A: ``exp_avg_sq_row`` (m), ``exp_avg_sq_col`` (n) and, for ``first_moment="lowrank"``,
-        ``exp_avg_left`` (m × 2r), ``exp_avg_right`` (2r × n); for ``"factor"``, ``exp_avg`` on A (r × n) and B (m × r).
-        """
+    def _factored_factor(self, group: Dict[str, Any], bucket: list, grams: F.GramInverses, left: torch.Tensor,
+                         right: torch.Tensor, s: torch.Tensor) -> None:
+        """mode="factored", first_moment="factor" (:mod:`lorapro.factored`): D = g̃ ⊘ √V̂ from the factors of g̃,
+        clipped and projected, then momentum of the projected factor steps (``exp_avg`` on A and on B)."""
         beta1, beta2 = group["betas"]
-        first, clip = group["first_moment"], group["clip_threshold"]
-        _, A0, B0, _ = bucket[0]
-        m, r, n = B0.shape[0], A0.shape[0], A0.shape[1]
-        k = 2 * r  # rank of the first-moment EMA = rank of g̃
-        # factor-sized work in compute_dtype, or (automatic) in the work dtype with the small eigh / SVD in float64
-        dev, cdt = A0.device, self.compute_dtype or left.dtype
-        bc1 = torch.empty(len(bucket), dtype=torch.float64)
-        bc2 = torch.empty(len(bucket), dtype=torch.float64)
-        sts = []
-        for i, (_, a, b, _) in enumerate(bucket):
-            st = self.state[a]
-            if "exp_avg_sq_row" not in st:
-                sdt = self._state_dtype_for(a)
-                st["exp_avg_sq_row"] = torch.zeros(m, dtype=sdt, device=dev)
-                st["exp_avg_sq_col"] = torch.zeros(n, dtype=sdt, device=dev)
-                if first == "lowrank":
-                    st["exp_avg_left"] = torch.zeros(m, k, dtype=sdt, device=dev)
-                    st["exp_avg_right"] = torch.zeros(k, n, dtype=sdt, device=dev)
-                else:
-                    st["exp_avg"] = torch.zeros(r, n, dtype=sdt, device=dev)
-                    self.state[b]["exp_avg"] = torch.zeros(m, r, dtype=self._state_dtype_for(b), device=dev)
-            t = _new_step(st)
-            bc1[i], bc2[i] = 1.0 - beta1**t, 1.0 - beta2**t
-            sts.append(st)
+        clip = group["clip_threshold"]
+        sts, bc1, bc2 = self._factored_state(group, bucket)
+        # factor-sized work in compute_dtype, or (automatic) in the work dtype
+        dev, cdt = left.device, self.compute_dtype or left.dtype
         left, right = left.to(cdt), right.to(cdt)  # g̃ = left @ right
-        if first == "lowrank":
-            # [P, left] and [Q; right] side by side: their Gram matrices serve the truncation and the square sums
-            Lc = torch.empty(len(bucket), m, 2 * k, dtype=cdt, device=dev)
-            Rc = torch.empty(len(bucket), 2 * k, n, dtype=cdt, device=dev)
-            for i, st in enumerate(sts):
-                Lc[i, :, :k].copy_(st["exp_avg_left"])
-                Rc[i, :k].copy_(st["exp_avg_right"])
-            Lc[:, :, k:].copy_(left)
-            Rc[:, k:].copy_(right)
-            lc_gram, rc_gram = Lc.transpose(-1, -2) @ Lc, Rc @ Rc.transpose(-1, -2)
-            row, col = FF.square_sums(left, right, ltl=lc_gram[:, k:, k:], rrt=rc_gram[:, k:, k:])
-        else:
-            row, col = FF.square_sums(left, right)
+        row, col = FF.square_sums(left, right)
         for i, st in enumerate(sts):
             st["exp_avg_sq_row"].mul_(beta2).add_(row[i].to(st["exp_avg_sq_row"].dtype), alpha=1.0 - beta2)
             st["exp_avg_sq_col"].mul_(beta2).add_(col[i].to(st["exp_avg_sq_col"].dtype), alpha=1.0 - beta2)
@@ -744,31 +715,20 @@ class LoRAProAdamW(_LoRAProBase):
             torch.stack([st["exp_avg_sq_col"] for st in sts]).to(cdt) * inv_bc2,
             group["eps"],
         )
-        inv_bc1 = (1.0 / bc1).to(device=dev, dtype=cdt)
-        if first == "lowrank":
-            P, Q = FF.lowrank_ema(Lc, Rc, beta1, k, lc_gram, rc_gram, small_dtype=self._rr_dtype)
-            for i, st in enumerate(sts):
-                st["exp_avg_left"].copy_(P[i])
-                st["exp_avg_right"].copy_(Q[i])
-            # D = diag(a)·P·Q·diag(b) / (1 − β1ᵗ)
-            d_left, d_right = FF.scale_factors(P, Q, a_vec * inv_bc1.unsqueeze(-1), b_vec)
-        else:
-            d_left, d_right = FF.scale_factors(left, right, a_vec, b_vec)
+        d_left, d_right = FF.scale_factors(left, right, a_vec, b_vec)
         # Adafactor's update clipping: D ← D / max(1, RMS(D)/d), a per-layer factor kept on the device
-        shrink = torch.ones_like(inv_bc1) if clip is None else (clip / FF.factored_rms(d_left, d_right)).clamp(max=1.0)
+        shrink = torch.ones(len(bucket), dtype=cdt, device=dev)
+        if clip is not None:
+            shrink = (clip / FF.factored_rms(d_left, d_right)).clamp(max=1.0)
         uA, uB = FF.project(d_left, d_right, grams.A.to(cdt), grams.B.to(cdt), s)
         hA, hB = F.adjusted_gradients(grams, uA, uB, s, group["x_solution"])
-        if first == "lowrank":
-            step_size = group["lr"] * shrink
-        else:  # momentum of the clipped, projected factor steps
-            hA, hB = hA * shrink.view(-1, 1, 1), hB * shrink.view(-1, 1, 1)
-            for i, (_, a, b, _) in enumerate(bucket):
-                for p, h in ((a, hA[i]), (b, hB[i])):
-                    buf = self.state[p]["exp_avg"]
-                    buf.mul_(beta1).add_(h.to(buf.dtype), alpha=1.0 - beta1)
-                    h.copy_(buf)
-            step_size = group["lr"] * inv_bc1
-        self._apply(bucket, grams.A, grams.B, hA, hB, step_size, group["lr"], group["weight_decay"])
+        hA, hB = hA * shrink.view(-1, 1, 1).to(hA.dtype), hB * shrink.view(-1, 1, 1).to(hB.dtype)
+        for i, (_, a, b, _) in enumerate(bucket):  # momentum of the clipped, projected factor steps
+            for p, h in ((a, hA[i]), (b, hB[i])):
+                buf = self.state[p]["exp_avg"]
+                buf.mul_(beta1).add_(h.to(buf.dtype), alpha=1.0 - beta1)
+                h.copy_(buf)
+        self._apply(bucket, grams.A, grams.B, hA, hB, group["lr"] / bc1, group["lr"], group["weight_decay"])
 
     # -- other trainable parameters: plain AdamW -----------------------------------------------------------------
 
