@@ -50,7 +50,11 @@ import torch
 __all__ = [
     "X_SOLUTIONS",
     "GramInverses",
+    "Workspace",
+    "fresh",
     "work_dtype",
+    "tall_mm",
+    "solve_x",
     "pack",
     "packed_grams",
     "cross_terms",
@@ -113,7 +117,8 @@ def pack(A: Tensors, B: Tensors, g_A: Tensors, g_B: Tensors, dtype: Optional[tor
     """``AG = [A; g_A]`` (L, 2r, n) and ``BG = [B, g_B]`` (L, m, 2r) in ``dtype`` (default: the work dtype).
 
     Each argument is a stacked (L, ...) tensor or a sequence of L two-dimensional tensors (e.g. the parameters and
-    gradients of L pairs); everything is copied in one foreach call.
+    gradients of L pairs); everything is copied in one foreach call, into ``workspace`` buffers "AG" and "BG"
+    (default: new tensors).
     """
     As, Bs, gAs, gBs = (list(t.unbind(0)) if torch.is_tensor(t) else list(t) for t in (A, B, g_A, g_B))
     L, (r, n), m = len(As), As[0].shape, Bs[0].shape[0]
