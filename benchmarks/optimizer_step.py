@@ -220,23 +220,20 @@ def _setup_factored_products_floor(cfg: BenchConfig) -> Prepared:
     (:func:`lorapro.factored.lowrank_step`), on preallocated random operands, with outputs written in place and the
     optimizer's CPU chunking. Whatever else the step does only adds to this, so ``floor / AdamW on factors`` bounds
     from below what any implementation of this design can reach on the machine."""
-    from lorapro import optim as _optim
     from lorapro.functional import tall_mm
 
     r = cfg.rank
     gen = torch.Generator().manual_seed(cfg.seed)
+    pairs = [(i, A, B, cfg.scaling) for i, (A, B) in enumerate(make_lora_layers(cfg))]
+    chunks = LoRAProAdamW._buckets(pairs)  # the optimizer's own grouping by shape and chunking
+    shapes = [(len(c), c[0][2].shape[0], c[0][1].shape[1]) for c in chunks]  # (L, m, n)
     work = []
-    for m, n, count in cfg.layers:
-        per_chunk = count
-        if torch.device(cfg.device).type == "cpu":
-            per_chunk = max(1, min(count, _optim._CPU_BUCKET_BYTES // (2 * (m + n) * r * 4)))
-        chunks = [per_chunk] * (count // per_chunk) + ([count % per_chunk] if count % per_chunk else [])
-        for L in sorted(set(chunks)):
-            def rnd(*shape: int) -> torch.Tensor:
-                return torch.randn(*shape, generator=gen).to(device=cfg.device, dtype=cfg.dtype)
-            bufs = dict(BGP=rnd(L, m, 4 * r), AGQ=rnd(L, 4 * r, n), W4=rnd(L, 4 * r, 4 * r), W3=rnd(L, r, 3 * r),
-                        W3t=rnd(L, 3 * r, r), Y=rnd(L, m, 4 * r), Z=rnd(L, 4 * r, n))
-            work.append((chunks.count(L), bufs))
+    for L, m, n in sorted(set(shapes)):
+        def rnd(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=gen).to(device=cfg.device, dtype=cfg.dtype)
+        bufs = dict(BGP=rnd(L, m, 4 * r), AGQ=rnd(L, 4 * r, n), W4=rnd(L, 4 * r, 4 * r), W3=rnd(L, r, 3 * r),
+                    W3t=rnd(L, 3 * r, r), Y=rnd(L, m, 4 * r), Z=rnd(L, 4 * r, n))
+        work.append((shapes.count((L, m, n)), bufs))
 
     def step() -> None:
         for times, b in work:

@@ -10,6 +10,7 @@ from lorapro import LoRAProAdamW, lora_pairs
 from lorapro import factored as FF
 from lorapro import functional as F
 from lorapro import reference as R
+from toy_lora import backward, batches, peft_toy
 
 peft = pytest.importorskip("peft")
 
@@ -104,26 +105,7 @@ class Net(nn.Module):
 
 def make_model(dtype=f64, seed=0, zero_B=False):
     torch.manual_seed(seed)
-    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["up", "mid1", "mid2", "down"],
-                          modules_to_save=["head"], alpha_pattern={"mid2": 16})
-    model = peft.get_peft_model(Net().to(dtype), cfg, autocast_adapter_dtype=False)
-    if not zero_B:
-        with torch.no_grad():
-            for p in lora_pairs(model):
-                p.B.normal_(0, 0.3)
-    return model
-
-
-def batches(n, dtype=f64, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(8, 6, generator=g).to(dtype), torch.randint(0, 3, (8,), generator=g)) for _ in range(n)]
-
-
-def backward(model, batch):
-    x, y = batch
-    loss = nn.functional.cross_entropy(model(x).float(), y)
-    loss.backward()
-    return loss.item()
+    return peft_toy(Net(), ["up", "mid1", "mid2", "down"], dtype=dtype, zero_B=zero_B, alpha_pattern={"mid2": 16})
 
 
 CASES = [

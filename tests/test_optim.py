@@ -1,7 +1,5 @@
 """LoRAProAdamW / LoRAProSGD: step by step against the float64 reference, checkpoints, dtypes, errors."""
 
-import copy
-import io
 import math
 
 import pytest
@@ -12,6 +10,7 @@ peft = pytest.importorskip("peft")
 
 from lorapro import LoRAProAdamW, LoRAProSGD, lora_pairs  # noqa: E402
 from lorapro import reference as R  # noqa: E402
+from toy_lora import backward, batches, peft_toy  # noqa: E402
 
 f64 = torch.float64
 
@@ -30,27 +29,7 @@ class Net(nn.Module):
 
 def make_model(dtype=f64, seed=0, zero_B=False, **lora_kwargs):
     torch.manual_seed(seed)
-    base = Net().to(dtype)
-    cfg = dict(r=2, lora_alpha=4, target_modules=["up", "mid", "down"], modules_to_save=["head"])
-    cfg.update(lora_kwargs)
-    model = peft.get_peft_model(base, peft.LoraConfig(**cfg), autocast_adapter_dtype=False)  # keep bf16 factors bf16
-    if not zero_B:  # make B non-zero so every term of the math is exercised
-        with torch.no_grad():
-            for p in lora_pairs(model):
-                p.B.normal_(0, 0.3)
-    return model
-
-
-def batches(n, dtype=f64, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(8, 6, generator=g).to(dtype), torch.randint(0, 3, (8,), generator=g)) for _ in range(n)]
-
-
-def backward(model, batch):
-    x, y = batch
-    loss = nn.functional.cross_entropy(model(x).float(), y)
-    loss.backward()
-    return loss.item()
+    return peft_toy(Net(), ["up", "mid", "down"], dtype=dtype, zero_B=zero_B, **lora_kwargs)
 
 
 CASES = [

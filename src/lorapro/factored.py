@@ -161,7 +161,7 @@ def project(left: Tensor, right: Tensor, A: Tensor, B: Tensor, scaling: Tensor) 
 
 def lowrank_ema(
     Lc: Tensor, Rc: Tensor, beta1: float, rank: int, lc_gram: Optional[Tensor] = None,
-    rc_gram: Optional[Tensor] = None, rtol: float = 1e-12, small_dtype: Optional[torch.dtype] = None,
+    rc_gram: Optional[Tensor] = None, rtol: float = 1e-12,
 ) -> Tuple[Tensor, Tensor]:
     """Rank-``rank`` EMA in factored form: ``P'·Q' = trunc_rank(β1·P·Q + (1 − β1)·left·right)``.
 
@@ -182,8 +182,6 @@ def lowrank_ema(
         beta1: EMA coefficient.
         rank: the kept rank (the width of P).
         lc_gram, rc_gram: ``LcᵀLc`` and ``Rc Rcᵀ`` if already computed.
-        small_dtype: dtype of the p × p eigendecompositions and SVD (default: that of ``Lc``); the two products
-            with ``Lc`` and ``Rc`` run in their dtype.
 
     Returns:
         (P', Q') of shapes (L, m, rank), (L, rank, n).
@@ -192,9 +190,8 @@ def lowrank_ema(
         lc_gram = Lc.transpose(-1, -2) @ Lc
     if rc_gram is None:
         rc_gram = Rc @ Rc.transpose(-1, -2)
-    sdt = small_dtype or Lc.dtype
-    right_map, left_map = lowrank_maps(lc_gram.to(sdt), rc_gram.to(sdt), beta1, rank, rtol)
-    return Lc @ right_map.to(Lc.dtype), left_map.to(Rc.dtype) @ Rc
+    right_map, left_map = lowrank_maps(lc_gram, rc_gram, beta1, rank, rtol)
+    return Lc @ right_map, left_map @ Rc
 
 
 def lowrank_maps(lc_gram: Tensor, rc_gram: Tensor, beta1: float, rank: int, rtol: float = 1e-12
@@ -265,7 +262,7 @@ def lowrank_step(
     L, (r, n), m = len(A), A[0].shape, B[0].shape[0]
     k, r2, r4 = 2 * r, 2 * r, 4 * r
     tdt = compute_dtype or F.work_dtype(A[0].dtype)
-    sdt = compute_dtype or torch.float64
+    sdt = compute_dtype or torch.float64  # = the dtype F.gram_inverses_for gives
     dev = A[0].device
     ws = workspace
     BGP = ws("BGP", (L, m, r4), tdt, dev)
@@ -276,27 +273,18 @@ def lowrank_step(
     Bv, Av = BGP[..., r:r2], AGQ[:, r:r2]
 
     # Gram matrices of the packed operands (blocks g = 0:r, b = r:2r, p = 2r:4r) and LoRA-Pro's inverses
-    GB = (BGP.transpose(-1, -2) @ BGP).to(sdt)
-    GA = (AGQ @ AGQ.transpose(-1, -2)).to(sdt)
-    if compute_dtype is None and tdt != torch.float64 and dev.type != "cpu":
-        grams = F.gram_inverses(Av, Bv, delta, sdt)  # float64 Gram matrices: cheap on accelerators, no host sync
-    else:
-        grams = F.gram_inverses(Av, Bv, delta, sdt, AAt=GA[:, r:r2, r:r2], BtB=GB[:, r:r2, r:r2])
-        if compute_dtype is None and tdt != torch.float64:
-            grams = F.refine_ill_conditioned(grams, delta)
+    GB = BGP.transpose(-1, -2) @ BGP
+    GA = AGQ @ AGQ.transpose(-1, -2)
+    grams = F.gram_inverses_for(Av, Bv, delta, compute_dtype, GA[:, r:r2, r:r2], GB[:, r:r2, r:r2])
+    GB, GA = GB.to(sdt), GA.to(sdt)
     GB[:, r:r2, r:r2], GA[:, r:r2, r:r2] = grams.BtB, grams.AAt
     s = scaling.to(sdt).view(-1, 1, 1)
-    eye = torch.eye(r, dtype=sdt, device=dev)
-    K_B, K_A, sK_A = grams.BtB_inv / s**2, grams.AAt_inv / s**2, grams.AAt_inv / s
-    M = grams.BtB_inv @ GB[:, r:r2, :r]  # (BᵀB)⁻¹Bᵀg_B
-    # Lf = [g_B, B]·T = [s·B, s·ĝ_B⁰],  Rf = S·[g_A; A] = [K_B·g_A; A]
-    T = _blocks(L, r2, GB)
-    T[:, r:, :r] = s * eye
-    T[:, :r, r:] = sK_A
-    T[:, r:, r:] = -(M @ sK_A)
-    S = _blocks(L, r2, GB)
-    S[:, :r, :r] = K_B
-    S[:, r:, r:] = eye
+    K_B, K_A = grams.BtB_inv / s**2, grams.AAt_inv / s**2
+    # Lf = [g_B, B]·T = [s·B, s·ĝ_B⁰],  Rf = S·[g_A; A] = [K_B·g_A; A]: the maps of lorapro.functional with the
+    # blocks of the packed operands in the order [g, b]
+    T, S = F.equivalent_gradient_maps(grams, scaling, GB[:, r:r2, :r])
+    T = torch.cat([T[:, r:], T[:, :r]], dim=1)
+    S = torch.cat([S[..., r:], S[..., :r]], dim=-1)
     ltl = T.transpose(-1, -2) @ GB[:, :r2, :r2] @ T
     rrt = S @ GA[:, :r2, :r2] @ S.transpose(-1, -2)
     # Lc = [P, Lf] = BGP·Tc,  Rc = [Q; Rf] = Sc·AGQ

@@ -26,13 +26,14 @@ Implementation choices (all tested against :mod:`lorapro.reference`):
   factor-sized operands that are not Gram matrices (Bᵀg_B, g_A·Aᵀ and the products that build ĝ) run in the
   *work dtype* of the factors (float32 for float32 / bf16 parameters): they lose cond(B)·ε₃₂ of the result's size,
   the precision the result is stored in anyway. The Gram matrices BᵀB, AAᵀ are inverted, which loses accuracy like
-  cond(B)²·ε₃₂ if they are formed in float32 (normal equations). So by default (:func:`packed_gram_inverses` with
+  cond(B)²·ε₃₂ if they are formed in float32 (normal equations). So by default (:func:`gram_inverses_for` with
   ``compute_dtype=None``) they are formed in float32 — in the same product as the cross terms — and re-formed in
   float64 for the layers whose ridged condition number exceeds :data:`GRAM_FP32_MAX_COND` (on accelerators always
   in float64). ``compute_dtype=torch.float64`` forms every Gram matrix in float64, ``torch.float32`` none.
 - Factor-sized operands are *packed*: ``AG = [A; g_A]`` (2r × n) and ``BG = [B, g_B]`` (m × 2r), so
   ``ĝ_A = [X, K_B]·AG`` and ``ĝ_B = BG·[−(M·K_A + X); K_A]`` are one matrix product each, and one product per
-  side gives both the Gram matrix and the cross term (``AG·Aᵀ``, ``Bᵀ·BG``) when both are formed in one dtype.
+  side gives both the Gram matrix and the cross term (``AG·Aᵀ``, ``Bᵀ·BG``); the Gram matrix is formed again in
+  float64 only where the precision policy (:func:`gram_inverses_for`) asks for it.
   These r-thin products, not the r × r algebra, are what the step costs.
 - ``I − P_B`` is applied as ``Y − B·((BᵀB)⁻¹·(BᵀY))``; no m × m matrix is ever formed.
 - The Sylvester equation is solved through the symmetric eigendecompositions of the two Gram matrices
@@ -56,10 +57,11 @@ __all__ = [
     "tall_mm",
     "solve_x",
     "pack",
-    "packed_grams",
     "cross_terms",
     "gram_inverses",
+    "gram_inverses_for",
     "packed_gram_inverses",
+    "equivalent_gradient_maps",
     "refine_ill_conditioned",
     "GRAM_FP32_MAX_COND",
     "adjusted_gradients",
@@ -138,26 +140,6 @@ def _gram_rows(X: Tensor, cdt: torch.dtype) -> Tensor:
     return Xc @ Xc.transpose(-1, -2)
 
 
-def packed_grams(AG: Tensor, BG: Tensor, compute_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(AAᵀ, BᵀB)`` in ``compute_dtype`` and the cross terms ``(g_A·Aᵀ, Bᵀ·g_B)`` from packed operands.
-
-    When the packed dtype is the compute dtype, one product per side gives both: ``AG·Aᵀ = [AAᵀ; g_A·Aᵀ]`` and
-    ``Bᵀ·BG = [BᵀB, Bᵀg_B]``. Otherwise the Gram matrices are formed in the compute dtype and the cross terms in
-    the packed dtype (see the module notes on precision).
-
-    Returns:
-        (AAt, BtB, gA_At, Bt_gB), each (L, r, r) in the compute dtype.
-    """
-    r = AG.shape[-2] // 2
-    A, B = AG[:, :r], BG[..., :r]
-    if AG.dtype == compute_dtype:
-        GA = AG @ A.transpose(-1, -2)
-        GB = B.transpose(-1, -2) @ BG
-        return GA[:, :r], GB[..., :r], GA[:, r:], GB[..., r:]
-    gA_At, Bt_gB = cross_terms(AG, BG, compute_dtype)
-    return _gram_rows(A, compute_dtype), _gram_rows(B.transpose(-1, -2), compute_dtype), gA_At, Bt_gB
-
-
 def cross_terms(AG: Tensor, BG: Tensor, compute_dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
     """``g_A·Aᵀ`` and ``Bᵀ·g_B`` (L, r, r) from packed operands, computed in their dtype, returned in ``compute_dtype``."""
     r = AG.shape[-2] // 2
@@ -178,7 +160,7 @@ def gram_inverses(
 ) -> GramInverses:
     """Eigendecompose the ridged Gram matrices of a batch of pairs: A (L, r, n), B (L, m, r).
 
-    ``AAt``, ``BtB``: the Gram matrices if already computed (e.g. by :func:`packed_grams`), in the compute dtype.
+    ``AAt``, ``BtB``: the Gram matrices if already computed (e.g. by :func:`packed_gram_inverses`), in the compute dtype.
     """
     wdt = work_dtype(A.dtype)
     A, B = A.to(wdt), B.to(wdt)
@@ -209,31 +191,50 @@ def _cond(lam: Tensor) -> Tensor:
     return lam[..., -1] / lam[..., 0]
 
 
+def gram_inverses_for(
+    A: Tensor, B: Tensor, delta: float, compute_dtype: Optional[torch.dtype], AAt: Tensor, BtB: Tensor,
+    max_cond_fp32: float = GRAM_FP32_MAX_COND,
+) -> GramInverses:
+    """:func:`gram_inverses` under the optimizers' precision policy, given the Gram matrices ``AAt``, ``BtB`` as
+    formed in the factors' dtype (e.g. in one product with the cross terms).
+
+    ``compute_dtype`` float64 or float32: Gram matrices and r × r algebra in that dtype (formed again from the
+    factors when that is not their dtype). ``None`` (automatic): r × r algebra in float64; the given Gram matrices
+    are used, except where that is not accurate enough — on accelerators (float64 Gram matrices there, which cost
+    little and need no host synchronisation) and, on CPU, for the layers whose ridged Gram condition number
+    exceeds ``max_cond_fp32`` (:data:`GRAM_FP32_MAX_COND`; :func:`refine_ill_conditioned`). With float64 factors
+    everything is float64.
+    """
+    if compute_dtype is not None:
+        if compute_dtype == A.dtype:
+            return gram_inverses(A, B, delta, compute_dtype, AAt=AAt, BtB=BtB)
+        return gram_inverses(A, B, delta, compute_dtype)
+    f64 = torch.float64
+    if A.dtype == f64:
+        return gram_inverses(A, B, delta, f64, AAt=AAt, BtB=BtB)
+    if A.device.type != "cpu":
+        return gram_inverses(A, B, delta, f64)
+    grams = gram_inverses(A, B, delta, f64, AAt=AAt.to(f64), BtB=BtB.to(f64))
+    return refine_ill_conditioned(grams, delta, max_cond_fp32)
+
+
 def packed_gram_inverses(
     AG: Tensor, BG: Tensor, delta: float, compute_dtype: Optional[torch.dtype] = None,
     max_cond_fp32: float = GRAM_FP32_MAX_COND,
 ) -> Tuple[GramInverses, Tensor, Tensor]:
-    """:class:`GramInverses` and the cross terms ``(g_A·Aᵀ, Bᵀ·g_B)`` of packed operands, under a precision policy.
+    """:class:`GramInverses` (precision policy of :func:`gram_inverses_for`) and the cross terms
+    ``(g_A·Aᵀ, Bᵀ·g_B)`` of packed operands, in the dtype of the r × r algebra.
 
-    ``compute_dtype`` float64 or float32: Gram matrices and r × r algebra in that dtype (see :func:`packed_grams`).
-    ``None`` (automatic): r × r algebra in float64; Gram matrices formed in the packed dtype with the cross terms
-    in one product per side, except where that is not accurate enough — on accelerators (float64 Gram matrices
-    there, which cost little and need no host synchronisation) and, on CPU, for the layers whose ridged Gram
-    condition number exceeds ``max_cond_fp32`` (:data:`GRAM_FP32_MAX_COND`), whose Gram matrices are formed
-    again in float64. With float64 operands everything is float64.
+    One product per side gives the Gram matrix and the cross term: ``AG·Aᵀ = [AAᵀ; g_A·Aᵀ]`` and
+    ``Bᵀ·BG = [BᵀB, Bᵀg_B]``, in the packed dtype (see the module notes on precision).
     """
     r = AG.shape[-2] // 2
     A, B = AG[:, :r], BG[..., :r]
-    if compute_dtype is not None:
-        AAt, BtB, gA_At, Bt_gB = packed_grams(AG, BG, compute_dtype)
-        return gram_inverses(A, B, delta, compute_dtype, AAt=AAt, BtB=BtB), gA_At, Bt_gB
-    f64 = torch.float64
-    if AG.dtype == f64 or AG.device.type != "cpu":
-        AAt, BtB, gA_At, Bt_gB = packed_grams(AG, BG, f64)
-        return gram_inverses(A, B, delta, f64, AAt=AAt, BtB=BtB), gA_At, Bt_gB
-    AAt, BtB, gA_At, Bt_gB = (t.to(f64) for t in packed_grams(AG, BG, AG.dtype))
-    grams = gram_inverses(A, B, delta, f64, AAt=AAt, BtB=BtB)
-    return refine_ill_conditioned(grams, delta, max_cond_fp32), gA_At, Bt_gB
+    GA = AG @ A.transpose(-1, -2)
+    GB = B.transpose(-1, -2) @ BG
+    grams = gram_inverses_for(A, B, delta, compute_dtype, GA[:, :r], GB[..., :r], max_cond_fp32)
+    rr = grams.BtB.dtype
+    return grams, GA[:, r:].to(rr), GB[..., r:].to(rr)
 
 
 def refine_ill_conditioned(grams: GramInverses, delta: float, max_cond: float = GRAM_FP32_MAX_COND) -> GramInverses:
@@ -293,7 +294,7 @@ def adjusted_gradients_packed(
     gA_At: Tensor, Bt_gB: Tensor, workspace: Workspace = fresh,
 ) -> Tuple[Tensor, Tensor]:
     """:func:`adjusted_gradients` from packed operands ``AG = [A; g_A]``, ``BG = [B, g_B]`` (see :func:`pack`)
-    and their cross terms (:func:`packed_grams` or :func:`cross_terms`).
+    and their cross terms (:func:`packed_gram_inverses` or :func:`cross_terms`).
 
     All the r × r algebra runs first, in the compute dtype: ``K_B = (1/s²)(BᵀB)⁻¹``, ``K_A = (1/s²)(AAᵀ)⁻¹``,
     ``M = (BᵀB)⁻¹(Bᵀg_B)`` (so ``P_B·g_B = B·M``) and X. Then one product per factor, in the packed dtype::
@@ -349,28 +350,32 @@ def adjusted_gradients(
     return adjusted_gradients_packed(grams, AG, BG, scaling, x_solution, gA_At, Bt_gB)
 
 
+def equivalent_gradient_maps(grams: GramInverses, scaling: Tensor, Bt_gB: Tensor) -> Tuple[Tensor, Tensor]:
+    """r-sized maps (T, S), both (L, 2r, 2r) in the dtype of the r × r algebra, with which the factors of g̃ are
+    products of the packed operands: ``[s·B, s·ĝ_B⁰] = [B, g_B]·T`` and ``[ĝ_A⁰; A] = S·[A; g_A]``, where
+    ``T = [[s·I, −M·s·K_A], [0, s·K_A]]``, ``S = [[0, K_B], [I, 0]]`` and ``M = (BᵀB)⁻¹·(Bᵀg_B)`` (X = 0)."""
+    cdt = grams.BtB.dtype
+    L, r = grams.BtB.shape[0], grams.BtB.shape[-1]
+    s = scaling.to(cdt).view(-1, 1, 1)
+    eye = torch.eye(r, dtype=cdt, device=grams.BtB.device)
+    sK_A = grams.AAt_inv / s
+    T = torch.zeros(L, 2 * r, 2 * r, dtype=cdt, device=eye.device)
+    T[:, :r, :r] = s * eye
+    T[:, :r, r:] = -(grams.BtB_inv @ Bt_gB @ sK_A)
+    T[:, r:, r:] = sK_A
+    S = torch.zeros_like(T)
+    S[:, :r, r:] = grams.BtB_inv / s**2
+    S[:, r:, :r] = eye
+    return T, S
+
+
 def equivalent_gradient_factors_packed(
     grams: GramInverses, AG: Tensor, BG: Tensor, scaling: Tensor, Bt_gB: Tensor
 ) -> Tuple[Tensor, Tensor]:
-    """:func:`equivalent_gradient_factors` from packed operands (see :func:`adjusted_gradients_packed`).
-
-    ``left = [s·B, s·ĝ_B⁰] = BG·[[s·I, −M·s·K_A], [0, s·K_A]]`` (one product) and ``right = [K_B·g_A; A]``.
-    """
-    cdt, wdt = grams.BtB.dtype, AG.dtype
-    r = AG.shape[-2] // 2
-    s = scaling.to(cdt).view(-1, 1, 1)
-    K_B = grams.BtB_inv / s**2
-    sK_A = grams.AAt_inv / s
-    M = grams.BtB_inv @ Bt_gB
-    T = torch.zeros(AG.shape[0], 2 * r, 2 * r, dtype=cdt, device=AG.device)
-    T[:, :r, :r] = s * torch.eye(r, dtype=cdt, device=AG.device)
-    T[:, :r, r:] = -(M @ sK_A)
-    T[:, r:, r:] = sK_A
-    left = tall_mm(BG, T.to(wdt))
-    right = torch.empty_like(AG)
-    torch.matmul(K_B.to(wdt), AG[:, r:], out=right[:, :r])
-    right[:, r:].copy_(AG[:, :r])
-    return left, right
+    """:func:`equivalent_gradient_factors` from packed operands (see :func:`adjusted_gradients_packed`):
+    ``left = BG·T``, ``right = S·AG`` with the maps of :func:`equivalent_gradient_maps`."""
+    T, S = equivalent_gradient_maps(grams, scaling, Bt_gB)
+    return tall_mm(BG, T.to(BG.dtype)), S.to(AG.dtype) @ AG
 
 
 def equivalent_gradient_factors(

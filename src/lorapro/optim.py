@@ -428,6 +428,7 @@ def adamw_update(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs
                  exp_avg_sqs: List[torch.Tensor], steps: List[torch.Tensor], *, lr: float, beta1: float,
                  beta2: float, eps: float, weight_decay: float) -> None:
     """One AdamW update of every tensor with the given gradients (``steps``: step counts, already incremented).
+    All parameters share one dtype and device, as do all moments.
 
     ``m ← β1·m + (1 − β1)·g``, ``v ← β2·v + (1 − β2)·g²``, ``θ ← θ·(1 − lr·λ) − lr·(m/(1 − β1ᵗ))/(√(v/(1 − β2ᵗ)) + ε)``.
     Uses torch's fused AdamW kernel where it applies (:func:`_fused_adamw_ok`; one pass over memory instead of
@@ -733,8 +734,7 @@ class LoRAProAdamW(_LoRAProBase):
     # -- other trainable parameters: plain AdamW -----------------------------------------------------------------
 
     def _step_plain_group(self, group: Dict[str, Any]) -> None:
-        beta1, beta2 = group["betas"]
-        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        by_kind: Dict[Any, List[List[torch.Tensor]]] = defaultdict(lambda: [[], [], [], [], []])
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -745,15 +745,14 @@ class LoRAProAdamW(_LoRAProBase):
                 sdt = self._state_dtype_for(p)
                 st["exp_avg"] = torch.zeros(p.shape, dtype=sdt, device=p.device)
                 st["exp_avg_sq"] = torch.zeros(p.shape, dtype=sdt, device=p.device)
-            t = _new_step(st)
-            bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
-            g = p.grad.to(st["exp_avg"].dtype)
-            st["exp_avg"].lerp_(g, 1.0 - beta1)
-            st["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-            wdt = _work_dtype(p.dtype)
-            denom = (st["exp_avg_sq"].to(wdt).sqrt() / bc2**0.5).add_(eps)
-            new = p.to(wdt) * (1.0 - lr * wd) - (lr / bc1) * (st["exp_avg"].to(wdt) / denom)
-            p.copy_(new)
+            _new_step(st)
+            lists = by_kind[(p.dtype, st["exp_avg"].dtype, p.device)]  # adamw_update takes one dtype at a time
+            for lst, t in zip(lists, (p, p.grad.to(st["exp_avg"].dtype), st["exp_avg"], st["exp_avg_sq"], st["step"])):
+                lst.append(t)
+        beta1, beta2 = group["betas"]
+        for params, grads, exp_avgs, exp_avg_sqs, steps in by_kind.values():
+            adamw_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=beta1, beta2=beta2,
+                         eps=group["eps"], weight_decay=group["weight_decay"])
 
 
 class LoRAProSGD(_LoRAProBase):
