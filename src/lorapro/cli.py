@@ -13,6 +13,7 @@ COMMANDS = {
     "demo": ("lorapro.demo", "main", "the CPU demo: LoRA vs LoRA-Pro on SmolLM2-135M with a GSM8K slice"),
     "eval": ("lorapro.evaluation.cli", "eval_main", "evaluate a model (+ optional adapter) from a YAML config"),
     "score": ("lorapro.evaluation.cli", "score_main", "score completions produced elsewhere (humaneval, gsm8k)"),
+    "sweep": ("lorapro.sweep.cli", "main", "compare methods fairly: per-method lr grids, seeds, a report"),
     "compare": ("lorapro.evaluation.cli", "compare_main", "put several evaluation results side by side"),
 }
 

@@ -97,6 +97,12 @@ class TrainSection:
     save_steps: int = field(0, help="write a checkpoint (adapter + optimizer + scheduler + RNG) every N steps; 0: none")
     save_total_limit: Optional[int] = field(2, help="keep at most this many checkpoints (null: all)")
     eval_steps: int = field(0, help="evaluate on the eval set every N steps (0: only at the end, if there is one)")
+    alignment_steps: int = field(
+        0,
+        help="every N optimizer steps (and at step 0 and the end), measure on one eval batch how well LoRA's and "
+        "LoRA-Pro's equivalent gradients align with the full fine-tuning gradient, per layer type "
+        "(lorapro.diagnostics; 'alignment' records in train_log.jsonl); 0: never. Needs data.eval",
+    )
     resume_from_checkpoint: Optional[str] = field(
         None, help="continue a run: a checkpoint directory, or 'latest' for the newest one in output_dir/checkpoints"
     )
@@ -115,6 +121,13 @@ class DataConfig:
         None, help="separate eval data (file or hub name); when empty the eval set is the eval_size records after train"
     )
     eval_split: str = field("validation", help="split of a hub dataset used for eval")
+    test: Optional[str] = field(
+        None,
+        help="held-out test data (file or hub name), scored once at the end of training into metrics.json ('test'); "
+        "never used during training or for model selection (lorapro sweep selects on the eval set)",
+    )
+    test_split: str = field("test", help="split of a hub dataset used as the test set")
+    test_size: int = field(0, help="keep the first N test records (0: all)")
     tsv_columns: Optional[List[str]] = field(None, help="column names of a .tsv file that has no header row")
     template: Literal["alpaca", "plain", "chat", "format"] = field(
         "alpaca",

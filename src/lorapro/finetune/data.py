@@ -43,6 +43,7 @@ __all__ = [
     "TEMPLATES",
     "FILTERS",
     "read_records",
+    "build_test_dataset",
     "filter_metamathqa_gsm",
     "filter_codefeedback_codeblock",
     "filter_wizardlm_no_refusal",
@@ -433,6 +434,19 @@ def build_datasets(data_cfg: Any, task: str, tokenizer: Any) -> Tuple[TokenizedD
     if eval_ds is not None:
         summary += f"; {len(eval_ds)} eval examples"
     return train, eval_ds, summary
+
+
+def build_test_dataset(data_cfg: Any, task: str, tokenizer: Any) -> Optional[TokenizedDataset]:
+    """The held-out test set of ``data.test`` (``None`` when not set), encoded exactly like the training data."""
+    if not data_cfg.test:
+        return None
+    spec = spec_from_config(data_cfg, task)
+    records = read_records(data_cfg.test, split=data_cfg.test_split, hub_config=data_cfg.hub_config,
+                           tsv_columns=data_cfg.tsv_columns)
+    (chunk,), seen = select_examples(records, spec, tokenizer, [data_cfg.test_size or None])
+    if not chunk:
+        raise DataError(f"data.test '{data_cfg.test}' gave no examples ({seen} records read); check the file and fields.")
+    return TokenizedDataset(chunk)
 
 
 class PadCollator:

@@ -8,6 +8,8 @@ JSONL log format, one object per line:
 * ``{"kind": "train", "step": 10, "epoch": 0.1, "loss": 1.23, "lr": 2e-05, "grad_norm": 0.8, "tokens": 40960,
   "tokens_per_s": 512.0, "elapsed_s": 80.1}``
 * ``{"kind": "eval", "step": 10, "eval_loss": 1.30, ...}``
+* ``{"kind": "test", "step": 100, "test_loss": 1.31, ...}`` (data.test, once after training)
+* ``{"kind": "alignment", "step": 10, ...}`` (train.alignment_steps, see lorapro.finetune.metrics.AlignmentLogger)
 * ``{"kind": "end", "step": 100, "train_runtime_s": ..., "adapter": "..."}``
 """
 
@@ -100,6 +102,9 @@ class JsonlLogger(TrainerCallback):
         if "eval_loss" in logs:
             rec["kind"] = "eval"
             rec.update({k: v for k, v in logs.items() if k.startswith("eval_")})
+        elif "test_loss" in logs:  # data.test, scored once after training
+            rec["kind"] = "test"
+            rec.update({k: v for k, v in logs.items() if k.startswith("test_")})
         elif "loss" in logs:
             rec["kind"] = "train"
             rec["loss"] = float(logs["loss"])

@@ -32,7 +32,7 @@ import torch
 from lorapro.config import ConfigError, to_dict
 
 from .config import TrainConfig
-from .data import PadCollator, build_datasets
+from .data import PadCollator, build_datasets, build_test_dataset
 from .methods import Method, get_method
 
 __all__ = ["RunResult", "run_training", "build_model", "resolve_resume"]
@@ -224,14 +224,6 @@ def _training_arguments(cfg: TrainConfig, out: Path, has_eval: bool) -> Any:
     return TrainingArguments(**kw)
 
 
-def _accuracy(pred: Any) -> dict:
-    """Classification accuracy for the Trainer's evaluation (``eval_accuracy`` in the log)."""
-    import numpy as np
-
-    logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
-    return {"accuracy": float((np.argmax(logits, axis=-1) == pred.label_ids).mean())}
-
-
 def run_training(
     cfg: TrainConfig, *, extra_callbacks: Sequence[Any] = (), progress: bool = True, plot: bool = True
 ) -> RunResult:
@@ -252,6 +244,14 @@ def run_training(
     # Everything that can fail on user input (model name, data path, fields) happens before output_dir is touched.
     model, tok = build_model(cfg, method)
     train_ds, eval_ds, data_summary = build_datasets(cfg.data, cfg.model.task, tok)
+    test_ds = build_test_dataset(cfg.data, cfg.model.task, tok)
+    if test_ds is not None:
+        data_summary += f"; {len(test_ds)} test examples (scored once at the end)"
+    if cfg.train.alignment_steps > 0 and eval_ds is None:
+        raise ConfigError(
+            "train.alignment_steps measures LoRA layers on an eval batch: it needs data.eval (or data.eval_size); "
+            "set train.alignment_steps=0 otherwise."
+        )
     collator = PadCollator(tok.pad_token_id)
     lora_config = _lora_config(cfg, method) if method.peft else None
     args = _training_arguments(cfg, out, eval_ds is not None)
@@ -324,8 +324,19 @@ def run_training(
         from lorapro.integrations.distributed import ConsolidateStateCallback
 
         callbacks.append(ConsolidateStateCallback())  # complete optimizer state in every checkpoint
+    if cfg.train.alignment_steps > 0:
+        from .metrics import AlignmentLogger, alignment_supported
+
+        why_not = alignment_supported(model)
+        if why_not:
+            _say(f"train.alignment_steps: not measured for method {method.name} ({why_not})")
+        else:
+            probe = collator([eval_ds[i] for i in range(min(16, len(eval_ds)))])
+            callbacks.append(AlignmentLogger(model, probe, cfg.train.alignment_steps, log_path))
     if cfg.model.task == "seq-cls":
-        trainer_kwargs["compute_metrics"] = _accuracy
+        from .metrics import classification_metrics
+
+        trainer_kwargs["compute_metrics"] = classification_metrics
     trainer = Trainer(
         model=model,
         args=args,
@@ -337,12 +348,18 @@ def run_training(
     )
     trainer.remove_callback(PrinterCallback)
     trainer.train(resume_from_checkpoint=resume)
+    from . import metrics as run_metrics
+
     eval_loss = None
-    if eval_ds is not None and len(eval_ds):
-        metrics = trainer.evaluate()
-        eval_loss = float(metrics["eval_loss"])
-        _say("eval: " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in metrics.items()
-                                  if k in ("eval_loss", "eval_accuracy")))
+    scores: dict = {}
+    for name, ds in (("eval", eval_ds), ("test", test_ds)):
+        if ds is None or not len(ds):
+            continue
+        m = run_metrics.evaluation_metrics(trainer.evaluate(eval_dataset=ds, metric_key_prefix=name), name)
+        scores[name] = m
+        if name == "eval":
+            eval_loss = m["loss"]
+        _say(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
 
     saved = out / ("adapter" if method.peft else "model")
     trainer.save_model(str(saved))
@@ -365,6 +382,16 @@ def run_training(
         with log_path.open("a") as f:
             f.write(json.dumps({"kind": "end", "step": trainer.state.global_step, "wall_s": round(wall, 2),
                                 "eval_loss": eval_loss, "saved": str(saved)}) + "\n")
+    if main:
+        run_metrics.write_metrics(out / run_metrics.METRICS_FILE, {
+            "method": method.name, "seed": cfg.seed, "lr": cfg.optim.lr, "steps": trainer.state.global_step,
+            "wall_s": round(wall, 2), "peak_rss_mib": round(run_metrics.peak_rss_mib(), 1),
+            "optimizer_state_mib": round(run_metrics.optimizer_state_bytes(
+                getattr(trainer.optimizer, "optimizer", trainer.optimizer)) / 2**20, 3),
+            "trainable_params": n_train,
+            "final_train_loss": run_metrics.final_train_loss(log_path),
+            **scores,
+        })
     what = "adapter" if method.peft else "model"
     load = (f"PeftModel.from_pretrained(base, '{saved}')" if method.peft
             else f"AutoModel*.from_pretrained('{saved}')")
