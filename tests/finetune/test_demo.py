@@ -3,6 +3,10 @@ table, plot) on builtin:tiny-llama — the real run on SmolLM2 takes minutes and
 
 import json
 import math
+from pathlib import Path
+
+import pytest
+import yaml
 
 from lorapro import demo
 
@@ -43,6 +47,33 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
     summ = rows["lora-pro"]["alignment_summary"]
     assert summ["lorapro_cos_global"] >= summ["lora_cos_global"]
     assert (out / "demo_loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert res["lrs"] == {"lora": 5e-3, "lora-pro": 5e-3} and "one learning rate for every method" in text
+    # the held-out loss shown for a run is its metrics.json test loss, and the demo's own held-out loss function
+    # (used for the base model) computes the same number from the saved adapter
+    from peft import PeftModel
+
+    from lorapro.models import load_model_and_tokenizer
+
+    base, tok = load_model_and_tokenizer("builtin:tiny-llama")
+    cfg = demo.demo_config("lora", steps=4, output_dir=out, seed=0, lr=5e-3, model="builtin:tiny-llama",
+                           max_tokens=1024, heldout=6)
+    held = demo.heldout_examples(cfg, tok, 6)
+    model = PeftModel.from_pretrained(base, out / "lora" / "adapter")
+    assert demo.heldout_loss(model, held, tok.pad_token_id) == pytest.approx(rows["lora"]["heldout_loss"], rel=1e-5)
+
+
+def test_demo_uses_each_methods_tuned_lr_from_the_study(tmp_path, capsys):
+    """The demo's default lrs are the chosen lrs of the committed study in the demo's setting."""
+    summary = Path(__file__).resolve().parents[2] / "docs" / "results" / "gsm8k_smollm2" / "summary.json"
+    chosen = json.loads(summary.read_text())["tasks"]["gsm8k"]
+    for m, lr in demo.TUNED_LRS.items():
+        assert lr == (chosen[m]["chosen_lr"] or chosen[m]["search_lr"]), m
+    cfg = demo.demo_config("lora", steps=20, output_dir=tmp_path, seed=0, lr=1e-3, model="smollm2-135m-instruct")
+    study = yaml.safe_load((summary.parent / "sweep.yaml").read_text())["base"]
+    assert cfg.train.max_steps == study["train"]["max_steps"] and cfg.data.train_size == study["data"]["train_size"]
+    assert cfg.data.prompt_format == study["data"]["prompt_format"] and cfg.lora.r == study["lora"]["r"]
+    assert demo.main(["--methods", "lora,dora"]) == 2
+    assert "no tuned lr for ['dora']" in capsys.readouterr().err
 
 
 def test_demo_rejects_unknown_method(capsys):

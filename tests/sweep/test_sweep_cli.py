@@ -105,8 +105,13 @@ def test_rerun_runs_nothing_and_an_incomplete_run_is_redone(quick_dir):
 def test_report_command_and_a_changed_config_is_refused(quick_dir, tmp_path):
     d, _ = quick_dir
     (d / "report.md").unlink()
-    r = run("report", str(d))
+    r = run("report", str(d), "--export", str(tmp_path / "exported"))
     assert r.returncode == 0 and (d / "report.md").is_file()
+    exported = sorted(p.relative_to(tmp_path / "exported").as_posix() for p in (tmp_path / "exported").rglob("*")
+                      if p.is_file())
+    assert "report.md" in exported and "summary.json" in exported and "plots/quick_lr.png" in exported
+    assert "runs/quick/lora/lr1.00e-03_seed0/metrics.json" in exported
+    assert not any("adapter" in p or p.endswith(".safetensors") for p in exported)  # no weights
     r = run("report", str(tmp_path))
     assert r.returncode == 2 and "not a sweep folder" in r.stderr
     cfg = quick_config()

@@ -12,7 +12,7 @@ from lorapro.config import ConfigError, from_dict
 from .config import SweepConfig
 
 USAGE = """usage: lorapro sweep SWEEP.yaml [--dir DIR] [--jobs N] [--threads T] [--retry-failed] [--dry-run]
-       lorapro sweep report DIR
+       lorapro sweep report DIR [--export DEST]
        lorapro sweep --quick [--dir DIR]
 
 Compares fine-tuning methods fairly: each method gets its own learning-rate grid; stage 1 runs the grid with the
@@ -142,13 +142,20 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def report_main(argv: List[str]) -> int:
-    if len(argv) != 1 or argv[0].startswith("-"):
-        print("usage: lorapro sweep report DIR   (DIR: a sweep folder with sweep.yaml)", file=sys.stderr)
-        return 2
-    from .report import write_report
+    ap = argparse.ArgumentParser(prog="lorapro sweep report", add_help=True,
+                                 description="Write DIR/report.md, DIR/summary.json and DIR/plots/ from the runs.")
+    ap.add_argument("dir", help="a sweep folder (holds sweep.yaml)")
+    ap.add_argument("--export", metavar="DEST",
+                    help="also copy the report, the plots and every run's small files (metrics.json, train_log.jsonl, "
+                    "config.yaml; no weights) to DEST, e.g. to commit them")
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    from .report import export_results, write_report
     from .runner import Sweep
 
-    d = Path(argv[0])
+    d = Path(args.dir)
     try:
         import yaml
 
@@ -157,7 +164,11 @@ def report_main(argv: List[str]) -> int:
             raise ConfigError(f"'{d}' is not a sweep folder (no sweep.yaml); run `lorapro sweep SWEEP.yaml` first.")
         data = yaml.safe_load(p.read_text())
         cfg = from_dict(SweepConfig, data)
-        path = write_report(Sweep(cfg, d, dict(cfg.base)))
+        sweep = Sweep(cfg, d, dict(cfg.base))
+        path = write_report(sweep)
+        if args.export:
+            n = export_results(sweep, Path(args.export))
+            print(f"exported the report and {n} runs' files to {args.export}")
     except ConfigError as e:
         print(f"lorapro sweep report: {e}", file=sys.stderr)
         return 2

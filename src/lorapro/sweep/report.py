@@ -23,7 +23,10 @@ from lorapro.jsonl import read_jsonl
 
 from .runner import PairPlan, RunKey, Sweep
 
-__all__ = ["summarize", "write_report", "mean_sd"]
+__all__ = ["summarize", "write_report", "export_results", "mean_sd"]
+
+# The files of a run that describe it (no weights): copied by ``export_results``.
+RUN_FILES = ("metrics.json", "train_log.jsonl", "config.yaml", "failed.json", "posteval/summary.json")
 
 POSTEVAL_DIR = "posteval"
 
@@ -290,3 +293,28 @@ def write_report(sweep: Sweep, *, plots: bool = True) -> Path:
     path = sweep.dir / "report.md"
     path.write_text(markdown(summary, sweep.cfg.methods, files))
     return path
+
+
+def export_results(sweep: Sweep, dest: Path) -> int:
+    """Copy ``report.md``, ``summary.json``, ``sweep.yaml``, ``plots/`` and each run's :data:`RUN_FILES` (no weights:
+    a few KB per run) to ``dest``, keeping the sweep folder's layout. Returns the number of runs copied."""
+    import shutil
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("report.md", "summary.json", "sweep.yaml"):
+        if (sweep.dir / name).is_file():
+            shutil.copy2(sweep.dir / name, dest / name)
+    if (sweep.dir / "plots").is_dir():
+        shutil.copytree(sweep.dir / "plots", dest / "plots", dirs_exist_ok=True)
+    n = 0
+    for key in sweep.all_run_keys():
+        src = sweep.run_dir(key)
+        copied = False
+        for f in RUN_FILES:
+            if (src / f).is_file():
+                (dest / key.rel / f).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src / f, dest / key.rel / f)
+                copied = True
+        n += copied
+    return n
