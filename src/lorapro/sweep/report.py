@@ -200,12 +200,16 @@ def _plots(sweep: Sweep, summary: Dict[str, Any]) -> Dict[str, List[str]]:
         for m in cfg.methods:
             pts = [c for c in t[m]["lr_curve"] if c["test"]["n"]]
             if pts:
-                ax.errorbar([c["lr"] for c in pts], [c["test"]["mean"] for c in pts],
-                            yerr=[c["test"]["sd"] for c in pts], marker="o", capsize=3, label=m)
+                line = ax.errorbar([c["lr"] for c in pts], [c["test"]["mean"] for c in pts],
+                                   yerr=[c["test"]["sd"] for c in pts], marker="o", capsize=3, label=m)
+                chosen = [c for c in pts if c["lr"] == t[m]["chosen_lr"]]
+                if chosen:  # the lr the eval set chose: a star
+                    ax.plot([chosen[0]["lr"]], [chosen[0]["test"]["mean"]], marker="*", markersize=14,
+                            color=line[0].get_color(), linestyle="none")
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel(f"test {head} (mean ± sd over seeds where several ran)")
-        ax.set_title(f"{task}: test {head} vs learning rate")
+        ax.set_title(f"{task}: test {head} vs learning rate (star: lr chosen on the eval set)")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
