@@ -6,8 +6,11 @@ drop privileges; tests that rely on that are skipped for non-root runs (where th
 """
 
 import os
+import shutil
 import socket
 import stat
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -39,6 +42,16 @@ def _sandbox_processes():
         if (IS_ROOT and uid == FAST.uid) or "_sandbox_child.py" in cmd:
             found.append((int(pid), uid, cmd[:80]))
     return found
+
+
+@pytest.fixture
+def host_dir():
+    """A directory of the host that the sandbox can see (``/tmp`` is the program's own tmpfs)."""
+    d = tempfile.mkdtemp(prefix=".sandbox-victim-", dir=Path(__file__).resolve().parent)
+    try:
+        yield Path(d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
@@ -145,40 +158,38 @@ def test_socket_to_localhost_fails():
 
 
 @needs_root
-def test_deleting_files_outside_its_directory_fails():
-    with tempfile.TemporaryDirectory() as d:
-        victim_dir = Path(d) / "data"
-        victim_dir.mkdir()
-        victim = victim_dir / "precious.txt"
-        victim.write_text("keep me")
-        os.chmod(d, 0o755)  # even a directory the sandbox user can look into
-        src = (
-            "import os, shutil\n"
-            f"os.remove({str(victim)!r})\n"
-            f"shutil.rmtree({str(victim_dir)!r})\n"
-        )
-        r = run_program(src, FAST)
-        assert not r.passed and "PermissionError" in r.detail
-        assert victim.read_text() == "keep me"
+def test_deleting_files_outside_its_directory_fails(host_dir):
+    victim_dir = host_dir / "data"
+    victim_dir.mkdir()
+    victim = victim_dir / "precious.txt"
+    victim.write_text("keep me")
+    os.chmod(host_dir, 0o755)  # even a directory the sandbox user can look into
+    src = (
+        "import os, shutil\n"
+        f"os.remove({str(victim)!r})\n"
+        f"shutil.rmtree({str(victim_dir)!r})\n"
+    )
+    r = run_program(src, FAST)
+    assert not r.passed and ("PermissionError" in r.detail or "Read-only file system" in r.detail)
+    assert victim.read_text() == "keep me"
 
 
 @needs_root
-def test_reading_a_private_file_outside_its_directory_fails():
-    with tempfile.TemporaryDirectory() as d:
-        os.chmod(d, 0o755)
-        secret = Path(d) / "secret.txt"
-        secret.write_text("s3cret")
-        os.chmod(secret, 0o600)
-        assert secret.stat().st_uid == 0 and stat.S_IMODE(secret.stat().st_mode) == 0o600
-        # The program passes only if it can read the file.
-        r = run_program(f"assert open({str(secret)!r}).read() == 's3cret'\n", FAST)
-        assert not r.passed and "PermissionError" in r.detail
-        # Control: a world-readable file in the same place is readable (the failure is about permissions).
-        public = Path(d) / "public.txt"
-        public.write_text("hello")
-        os.chmod(public, 0o644)
-        assert run_program(f"assert open({str(public)!r}).read() == 'hello'\n", FAST).passed
-        assert secret.read_text() == "s3cret"
+def test_reading_a_private_file_outside_its_directory_fails(host_dir):
+    os.chmod(host_dir, 0o755)
+    secret = host_dir / "secret.txt"
+    secret.write_text("s3cret")
+    os.chmod(secret, 0o600)
+    assert secret.stat().st_uid == 0 and stat.S_IMODE(secret.stat().st_mode) == 0o600
+    # The program passes only if it can read the file.
+    r = run_program(f"assert open({str(secret)!r}).read() == 's3cret'\n", FAST)
+    assert not r.passed and "PermissionError" in r.detail
+    # Control: a world-readable file in the same place is readable (the failure is about permissions).
+    public = host_dir / "public.txt"
+    public.write_text("hello")
+    os.chmod(public, 0o644)
+    assert run_program(f"assert open({str(public)!r}).read() == 'hello'\n", FAST).passed
+    assert secret.read_text() == "s3cret"
 
 
 def test_working_directory_is_private_and_removed():
@@ -206,3 +217,52 @@ def test_run_programs_keeps_order():
     srcs = ["assert True\n", "assert False\n", "import time\ntime.sleep(0.2)\n", "raise ValueError('x')\n"]
     res = run_programs(srcs, FAST, workers=2)
     assert [r.passed for r in res] == [True, False, True, False]
+
+
+# A program that walks ".." from every descriptor it holds (/proc/self/fd/N) and passes only if it reaches a
+# file or a directory listing that Unix permissions should hide from it.
+_DESCRIPTOR_ESCAPE = """
+import os
+target, listing = {target!r}, {listing!r}
+for fd in os.listdir('/proc/self/fd'):
+    for up in range(8):
+        base = '/proc/self/fd/' + fd + '/..' * up
+        try:
+            if open(base + '/' + target).read() == 'SECRET=1':
+                print('read the secret through', base)
+                break
+        except OSError:
+            pass
+        try:
+            if listing in os.listdir(base):
+                print('listed', base)
+                break
+        except OSError:
+            pass
+    else:
+        continue
+    break
+else:
+    raise AssertionError('no escape')
+"""
+
+
+@needs_root
+def test_descriptors_do_not_lead_out_of_a_private_directory(monkeypatch, host_dir):
+    # The evaluator's Python lives in a virtual environment inside a root-only (0700) directory, next to a
+    # world-readable secret and folder (a project checked out under /root). The interpreter is started as root;
+    # nothing the program holds may lead it back into that directory.
+    os.chmod(host_dir, 0o700)
+    project = host_dir / "project"
+    project.mkdir(mode=0o755)
+    (project / ".env").write_text("SECRET=1")
+    os.chmod(project / ".env", 0o644)
+    (project / "private-notes").mkdir(mode=0o755)
+    base = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run([base, "-m", "venv", "--without-pip", str(project / ".venv")], check=True)
+    monkeypatch.setattr(sys, "executable", str(project / ".venv" / "bin" / "python"))
+    # Control: by name the secret is out of reach.
+    r = run_program(f"open({str(project / '.env')!r}).read()\n", FAST)
+    assert not r.passed and "PermissionError" in r.detail
+    r = run_program(_DESCRIPTOR_ESCAPE.format(target=".env", listing="private-notes"), FAST)
+    assert not r.passed and "no escape" in r.detail, r
