@@ -6,6 +6,7 @@ drop privileges; tests that rely on that are skipped for non-root runs (where th
 """
 
 import dataclasses
+import json
 import os
 import shutil
 import socket
@@ -372,3 +373,103 @@ def test_a_program_cannot_forge_its_pass():
         "assert False, 'the tests fail'\n"
     )
     assert not run_program(src, FAST).passed
+
+
+# The evaluator as an ordinary user: loads sandbox.py on its own (the lorapro package needs torch, which that
+# user's Python may lack) and reports the isolation, the warnings and each program's outcome as JSON.
+_EVALUATOR = r"""
+import dataclasses, importlib.util, json, sys, warnings
+spec = importlib.util.spec_from_file_location("sandbox_under_test", sys.argv[1])
+sb = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = sb
+spec.loader.exec_module(sb)
+sb._ALLOW_MOUNT_NAMESPACE = sys.argv[2] == "mount"
+limits = sb.SandboxLimits(**json.loads(sys.argv[3]))
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    iso = sb.isolation(limits)
+results = [dataclasses.asdict(sb.run_program(p, limits)) for p in json.loads(sys.stdin.read())]
+print(json.dumps({"isolation": iso.describe(limits), "warnings": [str(w.message) for w in caught], "results": results}))
+"""
+
+NON_ROOT_UID = 65534
+
+
+def _as_ordinary_user():
+    """(command prefix, Python) to run the evaluator as a non-root user; skips where that is impossible."""
+    if not IS_ROOT:
+        return [], sys.executable
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is needed to run the evaluator as an ordinary user")
+    prefix = [setpriv, f"--reuid={NON_ROOT_UID}", f"--regid={NON_ROOT_UID}", "--clear-groups"]
+    for python in dict.fromkeys([sys.executable, "/usr/bin/python3", shutil.which("python3") or ""]):
+        # It must be able to start itself again (the sandbox starts sys.executable).
+        probe = "import subprocess, sys; subprocess.run([sys.executable, '-c', 'pass'], check=True)"
+        if python and subprocess.run([*prefix, python, "-c", probe], capture_output=True, cwd="/").returncode == 0:
+            return prefix, python
+    pytest.skip(f"no Python interpreter that uid {NON_ROOT_UID} may run (this one lives under a private directory)")
+
+
+def _run_as_ordinary_user(programs, host_dir, mount=True, **limits):
+    prefix, python = _as_ordinary_user()
+    unshare = shutil.which("unshare")
+    userns = unshare and subprocess.run(
+        [*prefix, unshare, "--user", "--map-root-user", "--mount", "true"], capture_output=True, text=True, cwd="/"
+    )
+    if not userns or userns.returncode != 0:
+        pytest.skip(f"the kernel forbids unprivileged user namespaces here: {userns and userns.stderr.strip()}")
+    script = host_dir / "evaluator.py"
+    script.write_text(_EVALUATOR)
+    sandbox_py = Path(__file__).resolve().parents[2] / "src" / "lorapro" / "evaluation" / "sandbox.py"
+    out = subprocess.run(
+        [*prefix, python, "-I", str(script), str(sandbox_py), "mount" if mount else "no-mount", json.dumps(limits)],
+        input=json.dumps(programs), capture_output=True, text=True, cwd=str(host_dir), timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_non_root_evaluator_gets_a_read_only_view_and_a_private_tmpfs(host_dir):
+    os.chmod(host_dir, 0o755)
+    if IS_ROOT:
+        os.chown(host_dir, NON_ROOT_UID, NON_ROOT_UID)
+    result = host_dir / "results.jsonl"  # the evaluating user's own file, in that user's own directory
+    result.write_text("keep me")
+    if IS_ROOT:
+        os.chown(result, NON_ROOT_UID, NON_ROOT_UID)
+    name = f"lorapro-leftover-{os.getpid()}"
+    _left_on_host(name)
+    remount_rw = (
+        "import ctypes\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "libc.mount(None, b'/', None, 32 | 4096, None)\n"  # MS_REMOUNT | MS_BIND, i.e. read-write again
+        "libc.umount2(b'/tmp', 2)\n"
+    )
+    programs = [
+        "import math, collections.abc\nassert math.gcd(12, 18) == 6\n",
+        _WRITABLE_VIEW,
+        f"import os\nos.remove({str(result)!r})\n",
+        f"open({str(result)!r}, 'w').write('overwritten')\n",
+        remount_rw + f"import os\nos.remove({str(result)!r})\n",
+        _FILL_THE_DISK,
+        _LEAVE_FILES.format(name=name),
+    ]
+    out = _run_as_ordinary_user(programs, host_dir, timeout_s=5.0, file_size_mb=1, disk_mb=4, max_processes=16)
+    iso, res = out["isolation"], out["results"]
+    assert iso["warning"] is None and out["warnings"] == []
+    assert iso["user"].startswith("current user") and iso["filesystem"].startswith("read-only view")
+    assert iso["network"] == "network namespace" and iso["process_tree_kill"] == "pid namespace"
+    assert [r["passed"] for r in res] == [True, True, False, False, False, False, True], res
+    assert all("Read-only file system" in r["detail"] for r in res[2:5]), res
+    assert "No space left on device" in res[5]["detail"]
+    assert result.read_text() == "keep me"
+    assert _left_on_host(name) == []
+
+
+def test_non_root_evaluator_without_namespaces_says_so(host_dir):
+    os.chmod(host_dir, 0o755)
+    out = _run_as_ordinary_user([], host_dir, mount=False)
+    assert out["isolation"]["filesystem"].startswith("none")
+    assert "runs as the evaluating user" in out["isolation"]["warning"]
+    assert len(out["warnings"]) == 1 and "runs as the evaluating user" in out["warnings"][0]
