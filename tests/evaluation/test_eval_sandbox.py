@@ -298,19 +298,35 @@ for place in ('.', '/tmp', '/dev/shm'):
             f.write(b'x' * 2**19)
 """
 
+# Files and folders in every shared scratch place, and a System V shared-memory segment (kernel memory that
+# outlives its creator unless removed).
 _LEAVE_FILES = """
-import os
+import ctypes, os
 for place in ('/tmp', '/var/tmp', '/dev/shm'):
     open(os.path.join(place, {name!r}), 'w').write('left behind')
     os.mkdir(os.path.join(place, {name!r} + '.d'))
     open(os.path.join(place, {name!r} + '.d', 'inner'), 'w').write('left behind')
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.shmget({key}, 2**20, 0o1600) >= 0, ctypes.get_errno()  # IPC_CREAT | 0600
 """
 
 
+_SHM_KEY = 0x10000 + os.getpid() % 0x10000
+
+
+def _shm_segments(key):
+    rows = [line.split() for line in Path("/proc/sysvipc/shm").read_text().splitlines()[1:]]
+    return [int(r[1]) for r in rows if int(r[0]) == key]
+
+
 def _left_on_host(name):
+    """What a program that ran _LEAVE_FILES.format(name=name, key=_SHM_KEY) left on the host (then removed)."""
     found = [Path(p) / n for p in ("/tmp", "/var/tmp", "/dev/shm") for n in (name, name + ".d") if (Path(p) / n).exists()]
     for p in found:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
+    for shmid in _shm_segments(_SHM_KEY):
+        found.append(f"shm segment {shmid}")
+        subprocess.run(["ipcrm", "-m", str(shmid)], check=False)
     return found
 
 
@@ -340,7 +356,7 @@ def test_files_left_in_tmp_and_shm_are_removed():
         pytest.skip("the program runs as the evaluating user: its files cannot be told apart (warned and reported)")
     name = f"lorapro-leftover-{os.getpid()}"
     _left_on_host(name)
-    r = run_program(_LEAVE_FILES.format(name=name), FAST)
+    r = run_program(_LEAVE_FILES.format(name=name, key=_SHM_KEY), FAST)
     assert r.passed, r.detail
     assert _left_on_host(name) == []
 
@@ -362,7 +378,7 @@ def test_without_a_mount_namespace_root_warns_and_sweeps(monkeypatch):
             assert "'..' from them leads into the directories above" in report["warning"]
         name = f"lorapro-leftover-{os.getpid()}"
         _left_on_host(name)
-        assert run_program(_LEAVE_FILES.format(name=name), FAST).passed
+        assert run_program(_LEAVE_FILES.format(name=name, key=_SHM_KEY), FAST).passed
         assert _left_on_host(name) == []
     finally:
         sandbox._isolation.cache_clear()
@@ -462,7 +478,7 @@ def test_non_root_evaluator_gets_a_read_only_view_and_a_private_tmpfs(host_dir):
         f"open({str(result)!r}, 'w').write('overwritten')\n",
         remount_rw + f"import os\nos.remove({str(result)!r})\n",
         _FILL_THE_DISK,
-        _LEAVE_FILES.format(name=name),
+        _LEAVE_FILES.format(name=name, key=_SHM_KEY),
     ]
     out = _run_as_ordinary_user(programs, host_dir, timeout_s=5.0, file_size_mb=1, disk_mb=4, max_processes=16)
     iso, res = out["isolation"], out["results"]

@@ -41,10 +41,16 @@ _LIB = "/tmp/.lorapro-lib"
 # <sys/mount.h>
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC = 32, 1024, 2048, 4096, 16384
-MS_PRIVATE, MS_STRICTATIME = 1 << 18, 1 << 24
+MS_PRIVATE, MS_STRICTATIME, MS_NOSYMFOLLOW = 1 << 18, 1 << 24, 256
 # os.statvfs().f_flag bits (ST_*) and the mount flags a bind remount must repeat: in a user namespace the kernel
 # locks the flags of inherited mounts and refuses a remount that would clear one of them.
-_KEEP = ((os.ST_NOSUID, MS_NOSUID), (os.ST_NODEV, MS_NODEV), (os.ST_NOEXEC, MS_NOEXEC), (os.ST_NODIRATIME, MS_NODIRATIME))
+_KEEP = (
+    (os.ST_NOSUID, MS_NOSUID),
+    (os.ST_NODEV, MS_NODEV),
+    (os.ST_NOEXEC, MS_NOEXEC),
+    (os.ST_NODIRATIME, MS_NODIRATIME),
+    (8192, MS_NOSYMFOLLOW),  # ST_NOSYMFOLLOW (Linux 5.10), not in the os module
+)
 
 _libc = None
 

@@ -25,6 +25,7 @@ Each program gets, by construction:
 * **no network**: a new network namespace (no interfaces up, so even 127.0.0.1 is unreachable), from
   ``unshare --net`` or ``os.unshare`` (Python >= 3.12, root). Where neither is possible, a socket guard refuses to
   create Python sockets; that is best effort only (C extensions or ``ctypes`` can bypass it);
+* **its own IPC namespace**: System V shared memory and message queues it creates vanish with it;
 * no set-uid escalation (``no_new_privs``).
 
 Which of these were in effect is reported by :func:`isolation` and written into every HumanEval result; where the
@@ -63,7 +64,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 __all__ = ["SandboxLimits", "ExecResult", "Isolation", "SandboxSetupError", "isolation", "run_program", "run_programs"]
 
@@ -180,65 +181,61 @@ def _import_dirs_out_of_reach() -> List[str]:
 _WEAK = "WARNING: the HumanEval sandbox cannot isolate programs well on this machine: "
 
 
-@functools.lru_cache(maxsize=None)
-def _isolation(uid: int, gid: int) -> Isolation:
+def _candidates(uid: int, gid: int) -> Iterator[Isolation]:
+    """What to try, strongest first (a generator, so that a fallback is only worked out when it is needed)."""
     is_root = hasattr(os, "geteuid") and os.geteuid() == 0
     unshare = shutil.which("unshare")
-    ns = ("--net", "--pid", "--fork", "--kill-child")
-    mnt = ("--mount", "--mount-proc") if _ALLOW_MOUNT_NAMESPACE else None
+    ns = ("--net", "--ipc", "--pid", "--fork", "--kill-child")  # --ipc: SysV shared memory dies with the program
+    mnt = ("--mount", "--mount-proc")
     read_only = "read-only view of /; private tmpfs for the work dir, /tmp, /var/tmp and /dev/shm"
-    candidates = []
-    if unshare and is_root:
-        as_nobody = dict(network="network namespace", processes="pid namespace", user=f"uid {uid} / gid {gid}",
-                         drop_to=(uid, gid), try_unshare_in_child=False)
-        if mnt:
-            candidates.append(Isolation(prefix=(unshare, *ns, *mnt, "--"), filesystem=read_only, mount=True, **as_nobody))
-        candidates.append(Isolation(prefix=(unshare, *ns, "--"), filesystem="", **as_nobody))
-    if unshare and not is_root:
-        in_userns = dict(network="network namespace", processes="pid namespace", drop_to=None,
-                         try_unshare_in_child=False)
-        user = f"current user (uid {os.getuid()}) in a user namespace, no capabilities"
-        if mnt:
-            candidates.append(Isolation(prefix=(unshare, "--user", "--map-root-user", *ns, *mnt, "--"), user=user,
-                                        filesystem=read_only, mount=True, drop_caps=True, **in_userns))
-        candidates.append(Isolation(prefix=(unshare, "--user", "--map-root-user", *ns, "--"), filesystem="",
-                                    user=f"current user (uid {os.getuid()})", **in_userns))
-    can_unshare_in_child = is_root and sys.version_info >= (3, 12)
-    candidates.append(Isolation(
-        prefix=(),
-        network="network namespace (os.unshare)" if can_unshare_in_child else "socket guard (best effort)",
-        processes="process group",
-        user=f"uid {uid} / gid {gid}" if is_root else f"current user (uid {os.getuid()})",
-        filesystem="",
-        drop_to=(uid, gid) if is_root else None,
-        try_unshare_in_child=can_unshare_in_child,
-    ))
-    iso = next((c for c in candidates[:-1] if _probe(c, uid, gid)), candidates[-1])
-    if iso.mount:
-        return iso
-    # No mount namespace: say what is missing, loudly and once.
     if is_root:
+        as_nobody = dict(user=f"uid {uid} / gid {gid}", drop_to=(uid, gid))
+        if unshare and _ALLOW_MOUNT_NAMESPACE:
+            yield Isolation(prefix=(unshare, *ns, *mnt, "--"), network="network namespace", processes="pid namespace",
+                            filesystem=read_only, try_unshare_in_child=False, mount=True, **as_nobody)
+        # No mount namespace: Unix permissions of the sandbox user are all that protects the files.
         blocked = _import_dirs_out_of_reach()
-        missing = (
+        warning = (
             f"no mount namespace, so the program (uid {uid}) can write world-writable places such as /tmp and "
             "/dev/shm without a total cap (what it leaves there is removed after the programs) and read every "
             "world-readable file"
         )
         if blocked:
-            missing += (
+            warning += (
                 f"; the Python installation ({', '.join(blocked)}) is out of uid {uid}'s reach, so the program "
                 "imports through directory descriptors opened as root, and '..' from them leads into the "
                 "directories above. Install Python where every user can read it"
             )
-        iso = dataclasses.replace(iso, filesystem=f"Unix permissions of uid {uid}; no total disk cap",
-                                  import_via_fds=bool(blocked), sweep_uid=uid, warning=missing)
-    else:
-        iso = dataclasses.replace(iso, filesystem="none: runs as the evaluating user", warning=(
-            "not root and no user namespace with a mount namespace (util-linux unshare, "
-            "kernel.unprivileged_userns_clone), so the program runs as the evaluating user and can read, write and "
-            "delete every file that user can (your results included) and fill the disk"
-        ))
-    warnings.warn(_WEAK + iso.warning + ". Run untrusted code in a container or VM.", RuntimeWarning, stacklevel=3)
+        weak = dict(filesystem=f"Unix permissions of uid {uid}; no total disk cap", import_via_fds=bool(blocked),
+                    sweep_uid=uid, warning=warning, **as_nobody)
+        if unshare:
+            yield Isolation(prefix=(unshare, *ns, "--"), network="network namespace", processes="pid namespace",
+                            try_unshare_in_child=False, **weak)
+        in_child = sys.version_info >= (3, 12)
+        yield Isolation(prefix=(), network="network namespace (os.unshare)" if in_child else "socket guard (best effort)",
+                        processes="process group", try_unshare_in_child=in_child, **weak)
+        return
+    me = f"current user (uid {os.getuid()})"
+    if unshare and _ALLOW_MOUNT_NAMESPACE:
+        yield Isolation(prefix=(unshare, "--user", "--map-root-user", *ns, *mnt, "--"), network="network namespace",
+                        processes="pid namespace", user=me + " in a user namespace, no capabilities",
+                        filesystem=read_only, drop_to=None, try_unshare_in_child=False, mount=True, drop_caps=True)
+    weak = dict(user=me, filesystem="none: runs as the evaluating user", drop_to=None, try_unshare_in_child=False,
+                warning="not root and no user namespace with a mount namespace (util-linux unshare, "
+                "kernel.unprivileged_userns_clone), so the program runs as the evaluating user and can read, write "
+                "and delete every file that user can (your results included) and fill the disk")
+    if unshare:
+        yield Isolation(prefix=(unshare, "--user", "--map-root-user", *ns, "--"), network="network namespace",
+                        processes="pid namespace", **weak)
+    yield Isolation(prefix=(), network="socket guard (best effort)", processes="process group", **weak)
+
+
+@functools.lru_cache(maxsize=None)
+def _isolation(uid: int, gid: int) -> Isolation:
+    # The first that works; the last (no namespaces, no prefix) always does.
+    iso = next(c for c in _candidates(uid, gid) if not c.prefix or _probe(c, uid, gid))
+    if iso.warning:  # once per process, i.e. once per evaluation run
+        warnings.warn(_WEAK + iso.warning + ". Run untrusted code in a container or VM.", RuntimeWarning, stacklevel=3)
     return iso
 
 
