@@ -71,6 +71,9 @@ def test_isolation_is_reported():
     assert iso["timeout_s"] == 3.0 and iso["max_processes"] == 8 and iso["cpu_s"] == 4
     if IS_ROOT:
         assert iso["user"].startswith("uid 65534")
+    if isolation(FAST).mount:
+        assert iso["disk_mb"] == FAST.disk_mb and iso["warning"] is None
+        assert iso["filesystem"].startswith("read-only view of /") and iso["network"] == "network namespace"
 
 
 def test_passing_and_failing_programs():

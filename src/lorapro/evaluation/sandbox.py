@@ -34,8 +34,10 @@ names what is missing. The fallbacks: as root, Unix permissions of uid 65534, wi
 ``/var/tmp`` and ``/dev/shm`` removed after the programs (no total cap); not root and no user namespaces, the
 program runs as the evaluating user and can write and delete whatever that user can.
 
-Limits (not provided): the program can read world-readable files (``/etc/passwd``, the Python installation);
-programs running at the same time share the sandbox uid, so ``RLIMIT_NPROC`` counts their processes together.
+Limits (not provided): the program can read world-readable files (``/etc/passwd``, the Python installation) and,
+without root, every file the evaluating user can read (the view is read-only, not hidden; the last line of its
+stderr goes into the result); programs running at the same time share the sandbox uid, so ``RLIMIT_NPROC`` counts
+their processes together.
 
 **Scores of untrusted submissions.** A program passes when the child sees it run to the end and writes a secret
 token to a pipe. That guards against accidents (``sys.exit(0)`` half way through the tests), not against an
