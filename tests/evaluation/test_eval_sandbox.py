@@ -344,6 +344,22 @@ def test_the_host_is_read_only_to_the_program():
     assert r.passed, r.detail
 
 
+def test_a_strict_umask_does_not_weaken_the_sandbox():
+    # With umask 077 the import directories' mount points came out 0700: the probe failed and the evaluator fell
+    # back to the weaker sandbox.
+    _needs_mount_namespace()
+    src = Path(__file__).resolve().parents[2] / "src"
+    code = (
+        "import os; os.umask(0o077)\n"
+        "from lorapro.evaluation.sandbox import isolation, run_program\n"
+        "assert isolation().mount, isolation().warning\n"
+        "assert run_program('import json, decimal').passed\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
 def test_total_disk_use_is_capped():
     _needs_mount_namespace()
     # 36 files of 0.5 MiB, each far under the 1 MiB file limit; 18 MiB in total against a 4 MiB cap.

@@ -28,12 +28,16 @@ the result on file descriptor ``spec["result_fd"]``. It starts with the privileg
 Any failure in steps 1-6 exits with :data:`SETUP_FAILED` before the program runs and before ``ready``.
 """
 
-import ctypes
 import errno
 import json
 import os
 import resource
 import sys
+
+try:
+    import ctypes
+except ImportError:  # a Python built without libffi: no namespaces of our own, the parent falls back
+    ctypes = None  # type: ignore[assignment]
 
 SETUP_FAILED = 98
 _LIB = "/tmp/.lorapro-lib"
@@ -96,6 +100,7 @@ def _mount_points():
 def _isolate_filesystem(disk_bytes: int, owner, import_dirs):
     """Steps 2 of the module doc; returns ``{real import directory: its read-only copy}``."""
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing done here may reach the host's mount table
+    os.umask(0o022)  # the evaluator's umask (077, say) must not close the import directories to the program
     # Held until bound: the tmpfs below may hide them (an interpreter or venv under /tmp).
     handles = [os.open(real, os.O_PATH | os.O_DIRECTORY) for real in import_dirs]
     for point in _mount_points():
@@ -258,7 +263,8 @@ def _setup(spec, result_fd: int):
         _drop_capabilities()
     if spec.get("drop_caps") and _capabilities_left():
         raise OSError("capabilities left after dropping them")
-    _check(_c().prctl(38, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")
+    if ctypes is not None:
+        _check(_c().prctl(38, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")
 
     # Only what the program needs stays open: nothing it holds may lead it to a directory it could not open.
     keep |= {0, 1, 2, result_fd}
