@@ -152,9 +152,10 @@ class ExecResult:
 
 
 def _probe(iso: Isolation, uid: int, gid: int) -> bool:
-    """Does the whole chain work here? Runs a trivial program with ``iso`` (a setup failure is a no)."""
+    """Does the whole chain work here? Runs a small program with ``iso`` (a setup failure is a no); it imports a
+    pure-Python and a C-extension module, which must still be reachable after the privilege drop."""
     try:
-        return _launch("pass\n", SandboxLimits(uid=uid, gid=gid), iso).passed
+        return _launch("import decimal, json\n", SandboxLimits(uid=uid, gid=gid), iso).passed
     except (OSError, subprocess.SubprocessError, SandboxSetupError):
         return False
 
