@@ -70,18 +70,22 @@ def test_trainer_builds_lorapro_itself_and_via_factory(tmp_path):
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     """4 examples in one micro-batch == 2 micro-batches of 2 accumulated (the loss is normalised by the total
-    number of target tokens across the accumulated micro-batches)."""
+    number of target tokens across the accumulated micro-batches). LoRA-Pro SGD: its step is linear in the gradient,
+    so the two runs agree to float32 rounding; Adam's first steps divide by |g| and turn rounding of near-zero
+    gradient entries into O(lr) differences (seen: 9e-6 on 2 of 512 entries), which would hide nothing but noise."""
     results = []
     for micro, accum in ((4, 1), (2, 2)):
         model, tok = _peft_model()
         args = _args(tmp_path / f"{micro}", per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
                      max_steps=2, train_sampling_strategy="sequential")
         trainer = Trainer(model=model, args=args, train_dataset=_dataset(tok), data_collator=PadCollator(tok.pad_token_id),
-                          optimizer_cls_and_kwargs=lorapro_optimizer_cls_and_kwargs(model, args))
+                          optimizer_cls_and_kwargs=lorapro_optimizer_cls_and_kwargs(model, args, optimizer="sgd"))
         trainer.train()
         results.append(_lora_state(model))
+    start = _lora_state(_peft_model()[0])
     for k in results[0]:
-        torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-4, atol=1e-6)
+        assert not torch.equal(results[0][k], start[k]) or "lora_B" in k  # the factors moved
+        torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-5, atol=1e-7)
 
 
 def test_max_grad_norm_clips_raw_lora_grads_before_the_lorapro_step(tmp_path):
