@@ -139,7 +139,8 @@ def _fmt(value: Optional[Decimal]) -> Optional[str]:
 
 
 def load_gsm8k(path: str, limit: Optional[int] = None) -> List[Dict[str, str]]:
-    """GSM8K records ``{"question", "answer"}`` from a JSONL file (the format of the official release)."""
+    """GSM8K records ``{"question", "answer"}`` from a JSONL file (the format of the official release); an empty
+    file is an error."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(
@@ -153,6 +154,9 @@ def load_gsm8k(path: str, limit: Optional[int] = None) -> List[Dict[str, str]]:
         records.append(rec)
         if limit is not None and len(records) >= limit:
             break
+    if not records:
+        raise ValueError(f"GSM8K file '{p}' holds no records; an empty file would score 0.0. Set data.path to a "
+                         "GSM8K JSONL file.")
     return records
 
 
