@@ -235,3 +235,30 @@ def test_eval_mnli_end_to_end(tmp_path, capsys, task, genre):
 def test_every_glue_eval_task_has_a_config_value():
     cfg = load_config(EvalConfig, None, ["task=glue", "data.path=x.tsv", "glue.task=mnli_mismatched"])
     assert cfg.glue.task in glue.TASKS
+
+
+# ------------------------------------------------------------------ the paper's recipes: trained prompt == eval prompt
+
+
+def _recipe_run(name):
+    from lorapro.evaluation.training_run import TrainingRun
+
+    return TrainingRun(ROOT / "runs" / name, yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text()))
+
+
+def test_paper_recipes_train_on_the_benchmarks_default_prompts():
+    """The 7B recipes train on Alpaca and the GLUE recipes on the LoRA-GA prompt: for their runs the prompt taken from
+    config.yaml is exactly the benchmark's default (so nothing changes for the paper's numbers)."""
+    from lorapro.evaluation import humaneval
+
+    q = "Natalia sold 48 clips. How many?"
+    assert _recipe_run("math_llama2_7b").prompt({"question": q}, instruction=q) == build_prompt(q)
+    problem = {"prompt": 'def f(x):\n    """Add {one}."""\n'}
+    instruction = humaneval.INSTRUCTION.format(prompt=problem["prompt"].strip())
+    trained = _recipe_run("code_llama2_7b").prompt({}, instruction=instruction) + humaneval.RESPONSE_START
+    assert trained == humaneval.build_prompt(problem)
+    for task, name in (("sst2", "sst2"), ("mrpc", "mrpc"), ("qnli", "qnli"), ("mnli_matched", "mnli")):
+        ex = {"text_a": "a {b}", "text_b": "c", "label": 0}
+        run = _recipe_run(f"glue_t5_base_{name}")
+        assert run.prompt(glue.fields_of(task, ex)) == glue.text_input(task, ex)
+        assert run.data["label_words"] == list(glue.TASKS[task].label_words)
