@@ -62,7 +62,7 @@ def test_cpu_recipe_adapter_is_evaluated_on_its_training_prompt(run_dir, gsm8k_f
     assert prompts == [f"Question: {r['question']}\nAnswer:" for r in GSM8K]  # the recipe's, not Alpaca
     summary = json.loads((out / "summary.json").read_text())
     assert summary["run_name"] == "gsm8k-smollm2-gsm8k-lorapro"  # the run's name, not "adapter"
-    assert summary["details"]["prompt_source"] == "training run"
+    assert summary["details"]["prompt_source"].startswith("training run (data.template=format")
     assert summary["details"]["training_run"] == str(run_dir.resolve())
     assert "warning" not in capsys.readouterr().err
 

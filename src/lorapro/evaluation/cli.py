@@ -21,7 +21,9 @@ Settings come from the YAML file, then from key=value overrides (dotted keys for
   lorapro eval configs/eval/gsm8k.yaml model.adapter=runs/lora-pro/adapter data.limit=100
   torchrun --nproc_per_node 4 -m lorapro.cli eval configs/eval/gsm8k.yaml     (data-parallel generation)
 
-Results go to output_dir: summary.json, per-example JSONL, and a table on stdout.
+Results go to output_dir: summary.json, per-example JSONL, and a table on stdout; the results of an earlier
+evaluation there are kept (an error) unless overwrite=true. With an adapter saved by `lorapro train`, the prompt
+is the one its run trained on (RUN_DIR/config.yaml). Bad input (config, data, adapter) exits with code 2.
 
 keys:
 """

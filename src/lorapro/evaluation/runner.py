@@ -120,10 +120,10 @@ def _pick_prompts(
     trained: Callable[[], List[str]],
     default: Callable[[], List[str]],
     run: Optional[TrainingRun],
-) -> Tuple[List[str], Dict[str, Any]]:
+) -> Tuple[List[str], bool, str]:
     """The prompts to generate from: ``key``'s when set (with a warning when they differ from those of the training
     run), else the training run's (``trained()``), else the benchmark's ``default()``.
-    Returns (prompts, details), details holding ``add_special_tokens`` for :func:`_generate` (see :func:`_split`)."""
+    Returns (prompts, add_special_tokens for :func:`_generate`, where the prompts came from)."""
     if explicit is not None:
         if run is not None and _is_main():
             try:
@@ -135,17 +135,11 @@ def _pick_prompts(
                     f"{key} differs from the prompt the adapter was trained on ({run.describe()}); evaluating with "
                     f"{key} as asked.\n  trained on: {first!r}\n  evaluated:  {explicit[0]!r}"
                 )
-        return explicit, {"prompt_source": key}
+        return explicit, True, key
     if run is not None:
         # a rendered chat template already holds BOS and the like (see lorapro.finetune.data.encode_record)
-        return trained(), {"prompt_source": "training run", "add_special_tokens": run.template != "chat"}
-    return default(), {"prompt_source": "default"}
-
-
-def _split(info: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """(generate() keywords, details) of a :func:`_pick_prompts` result."""
-    kw = {k: v for k, v in info.items() if k == "add_special_tokens"}
-    return kw, {k: v for k, v in info.items() if k != "add_special_tokens"}
+        return trained(), run.template != "chat", f"training run ({run.describe()})"
+    return default(), True, "default"
 
 
 # ------------------------------------------------------------------------------------------------------ inputs
@@ -255,16 +249,15 @@ def _run_gsm8k(cfg: EvalConfig, out: Path, inputs: _Inputs) -> Optional[TaskResu
     model, tok = _load(cfg, "auto")
     questions = [r["question"] for r in records]
     template = cfg.gsm8k.prompt_template
-    prompts, info = _pick_prompts(
+    prompts, special, source = _pick_prompts(
         "gsm8k.prompt_template",
         None if template is None else [gsm8k_mod.build_prompt(q, template) for q in questions],
         lambda: [run.prompt({"question": q}, tok, instruction=q) for q in questions],
         lambda: [gsm8k_mod.build_prompt(q) for q in questions],
         run,
     )
-    kw, details = _split(info)
     stops = _stops(cfg, gsm8k_mod.DEFAULT_STOP)
-    outs = _generate(cfg, model, tok, prompts, stops, "gsm8k", **kw)
+    outs = _generate(cfg, model, tok, prompts, stops, "gsm8k", add_special_tokens=special)
     if not _is_main():
         return None
     flat = [(i, j, o) for i, samples in enumerate(outs) for j, o in enumerate(samples)]
@@ -274,7 +267,7 @@ def _run_gsm8k(cfg: EvalConfig, out: Path, inputs: _Inputs) -> Optional[TaskResu
         rows.append({"index": i, "sample": j, "question": records[i]["question"], "prompt": prompts[i], **ex})
     write_jsonl(out / "predictions.jsonl", rows)
     metrics = {"accuracy": scored["accuracy"], "correct": scored["correct"]}
-    return metrics, len(records), {"predictions": "predictions.jsonl"}, {"num_samples": cfg.generation.num_samples, **details}
+    return metrics, len(records), {"predictions": "predictions.jsonl"}, {"num_samples": cfg.generation.num_samples, "prompt_source": source}
 
 
 def _run_humaneval(cfg: EvalConfig, out: Path, inputs: _Inputs) -> Optional[TaskResult]:
@@ -289,15 +282,15 @@ def _run_humaneval(cfg: EvalConfig, out: Path, inputs: _Inputs) -> Optional[Task
     model, tok = _load(cfg, "auto")
     # the paper's instruction, in the template the run trained on; the response opens the code fence
     instructions = [he_mod.INSTRUCTION.format(prompt=problems[t]["prompt"].strip()) for t in ids]
-    prompts, info = _pick_prompts(
+    prompts, special, source = _pick_prompts(
         "humaneval.prompt_template",
         None if h.prompt_template is None else [he_mod.build_prompt(problems[t], h.prompt_template) for t in ids],
         lambda: [run.prompt({}, tok, instruction=x) + he_mod.RESPONSE_START for x in instructions],
         lambda: [he_mod.build_prompt(problems[t]) for t in ids],
         run,
     )
-    kw, details = _split(info)
-    outs = _generate(cfg, model, tok, prompts, _stops(cfg, he_mod.DEFAULT_STOP), "humaneval", **kw)
+    stops = _stops(cfg, he_mod.DEFAULT_STOP)
+    outs = _generate(cfg, model, tok, prompts, stops, "humaneval", add_special_tokens=special)
     if not _is_main():
         return None
     samples = [
@@ -310,7 +303,8 @@ def _run_humaneval(cfg: EvalConfig, out: Path, inputs: _Inputs) -> Optional[Task
         problems, samples, ks=h.k, limits=limits, workers=h.workers, progress=cfg.generation.progress
     )
     write_jsonl(out / "results.jsonl", res["results"])
-    details.update(
+    details = dict(
+        prompt_source=source,
         isolation=res["isolation"],
         n_samples=res["n_samples"],
         problem_file=cfg.data.path or he_mod.default_problem_file(),
@@ -421,16 +415,14 @@ def _run_glue(cfg: EvalConfig, out: Path, inputs: _Inputs) -> Optional[TaskResul
                 )
             label_words = list(trained_words)
         model, tok = _load(cfg, "auto")
-        inputs_, info = _pick_prompts(
+        inputs_, special, details["prompt_source"] = _pick_prompts(
             "glue.prompt_format",
             None if g.prompt_format is None else [glue_mod.text_input(g.task, e, g.prompt_format) for e in examples],
             lambda: [run.prompt(glue_mod.fields_of(g.task, e), tok) for e in examples],
             lambda: [glue_mod.text_input(g.task, e) for e in examples],
             run,
         )
-        kw, more = _split(info)
-        details.update(more)
-        outs = _generate(cfg, model, tok, inputs_, _stops(cfg, ["\n"]), f"glue {g.task}", **kw)
+        outs = _generate(cfg, model, tok, inputs_, _stops(cfg, ["\n"]), f"glue {g.task}", add_special_tokens=special)
         if not _is_main():
             return None
         preds = [glue_mod.label_from_text(o[0], label_words) for o in outs]
