@@ -65,6 +65,7 @@ def test_rule0_output_is_cut_at_the_stop_sequences_before_extraction():
 
 def test_rule1_the_first_hash_answer_wins():
     assert gsm8k.extract_answer("so 5 eggs.\n#### 5\nNext: 7 eggs\n#### 7") == Decimal(5)
+    assert gsm8k.extract_answer("so 5 eggs.\r\n#### 5\r\nthen 7") == Decimal(5)  # Windows line ends
 
 
 def test_rule1_a_markdown_heading_is_not_a_hash_answer():

@@ -65,7 +65,7 @@ _NUM = (
 )
 _NUM_RE = re.compile(_NUM)
 # "#### N" only when N ends its line: "#### 1. Add the costs" is a markdown heading, not an answer.
-_HASH_RE = re.compile(r"####[ \t]*(" + _NUM + r")[ \t]*(?=\n|$)")
+_HASH_RE = re.compile(r"####[ \t]*(" + _NUM + r")[ \t\r]*(?=\n|$)")
 # An answer phrase ("answer" as a whole word, then "is" or a colon) and the rest of its sentence.
 _ANSWER_IS_RE = re.compile(
     r"\banswer\s*(?:\bis\b\s*[:\uff1a]?|[:\uff1a])([^\n]*?)(?:\.(?=\s|$)|\n|$)",
