@@ -24,7 +24,7 @@ import csv
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 from ..prompts import GLUE_TASKS, GlueTask, glue_prompt
 
@@ -62,8 +62,8 @@ def _task(name: str) -> GlueTask:
     return TASKS[name]
 
 
-def _mnli_rows(rows: List[List[str]], task: str, p: Path) -> List[Tuple[int, Dict[str, Any]]]:
-    """(line number, example) of an MNLI dev TSV, columns found by name (dev files have label1..label5 before
+def _mnli_rows(rows: List[List[str]], task: str, p: Path) -> List[Dict[str, Any]]:
+    """The examples of an MNLI dev TSV, columns found by name (dev files have label1..label5 before
     gold_label, train.tsv only label1); refuses the other dev set, told apart by its genres."""
     t = TASKS[task]
     header = rows[0] if rows else []
@@ -91,7 +91,7 @@ def _mnli_rows(rows: List[List[str]], task: str, p: Path) -> List[Tuple[int, Dic
                 f"{p}:{lineno} has genre '{genre}', which belongs to the {other.split('_')[1]} dev set; this is not "
                 f"the {task.split('_')[1]} one. Set glue.task={other} or point data.path at the other file."
             )
-        out.append((lineno, ex))
+        out.append(ex)
     return out
 
 
@@ -112,7 +112,7 @@ def load_glue(task: str, path: str, limit: Optional[int] = None) -> List[Dict[st
         rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     out: List[Dict[str, Any]] = []
     if task.startswith("mnli"):
-        out = [ex for _, ex in _mnli_rows(rows, task, p)][:limit]
+        out = _mnli_rows(rows, task, p)[:limit]
     else:
         if task != "cola":
             rows = rows[1:]  # header
