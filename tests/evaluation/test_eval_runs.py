@@ -262,3 +262,22 @@ def test_paper_recipes_train_on_the_benchmarks_default_prompts():
         run = _recipe_run(f"glue_t5_base_{name}")
         assert run.prompt(glue.fields_of(task, ex)) == glue.text_input(task, ex)
         assert run.data["label_words"] == list(glue.TASKS[task].label_words)
+
+
+def test_chat_template_run_is_evaluated_with_one_bos(tmp_path):
+    """A run trained with data.template=chat is prompted through the chat template, tokenized without adding BOS
+    again (the template holds it), as training now tokenizes it."""
+    from lorapro.evaluation.runner import _pick_prompts
+    from lorapro.evaluation.training_run import TrainingRun
+    from lorapro.models import build_byte_tokenizer
+
+    tok = build_byte_tokenizer()
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    run = TrainingRun(tmp_path, {"data": {"template": "chat", "prompt_field": "query"}})
+    q = "What is 2+2?"
+    prompts, special, source = _pick_prompts(
+        "gsm8k.prompt_template", None, lambda: [run.prompt({"question": q}, tok, instruction=q)], lambda: ["-"], run
+    )
+    assert prompts == ["<s>[What is 2+2?]"] and special is False and source.startswith("training run")
+    prompts, special, _ = _pick_prompts("gsm8k.prompt_template", ["Q: 1"], lambda: ["<s>[1]"], lambda: ["-"], run)
+    assert prompts == ["Q: 1"] and special is True
