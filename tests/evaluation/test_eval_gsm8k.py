@@ -40,13 +40,54 @@ def test_prompt_is_the_paper_alpaca_prompt():
         ("The answer is 1,500.", "1500"),
         ("The values are 1,5 and 7,2", "2"),  # "1,5" is not a thousands group: numbers 1, 5, 7, 2
         ("x = 3.14159", "3.14159"),
-        ("The answer is 2 * 1.5 = 3.\n", "3"),  # an expression after the phrase: its result
+        ("The answer is 2 * 1.5 = 3.\n", "2"),  # the first number of the answer sentence (MetaMath's rule)
         ("The answer is: 4.5 dollars. Later text 9", "4.5"),  # the sentence ends at ". ", not inside 4.5
         ("Answer: 12\nAnswer: unknown", "12"),  # the last phrase that holds a number
     ],
 )
 def test_extract_answer_tricky_strings(text, expected):
     assert gsm8k.extract_answer(text) == Decimal(expected)
+
+
+# The rule order of extract_answer, one case each; every output here was scored wrong before the rule existed.
+
+
+def test_rule0_output_is_cut_at_the_stop_sequences_before_extraction():
+    ran_on = "The answer is: 5\nQuestion: Tom has 3 apples and buys 4. How many?\nAnswer: The answer is: 7"
+    assert gsm8k.extract_answer(ran_on) == Decimal(5)
+    alpaca = "The answer is 5.\n### Instruction:\nWhat is 3+4?\n\n### Response:\nThe answer is 7."
+    assert gsm8k.extract_answer(alpaca) == Decimal(5)
+    assert gsm8k.extract_answer(ran_on, stops=[]) == Decimal(7)  # no stops: nothing is cut
+    # score_records cuts at the stops it is given (those generation used)
+    res = gsm8k.score_records([{"output": "#### 3\nQ2: #### 4", "answer": "#### 4"}], stops=["\nQ2:"])
+    assert res["examples"][0]["extracted"] == "3" and res["correct"] == 0
+
+
+def test_rule1_the_first_hash_answer_wins():
+    assert gsm8k.extract_answer("so 5 eggs.\n#### 5\nNext: 7 eggs\n#### 7") == Decimal(5)
+    assert gsm8k.extract_answer("so 5 eggs.\r\n#### 5\r\nthen 7") == Decimal(5)  # Windows line ends
+
+
+def test_rule1_a_markdown_heading_is_not_a_hash_answer():
+    out = "#### 1. Add the costs\n4 + 5 = 9\n#### 2. Conclude\nThe answer is: 9"
+    assert gsm8k.extract_answer(out) == Decimal(9)
+    assert gsm8k.extract_answer("#### 1. Add the costs\n4 + 5 = 9\n#### 9\n") == Decimal(9)
+
+
+def test_rule2_first_number_of_the_answer_sentence():
+    assert gsm8k.extract_answer("The answer is 12 apples, since 4 * 3 = 12 and 2 are left. 40") == Decimal(12)
+    assert gsm8k.extract_answer("Total 40.\nThe answer is: 3 boxes of 8 = 24.") == Decimal(3)
+
+
+def test_rule2_answer_must_be_a_whole_word_with_is_or_a_colon():
+    assert gsm8k.extract_answer("She answered 3 calls. Then she made 4 sales") == Decimal(4)
+    assert gsm8k.extract_answer("To answer this, we need 3 boxes. In total 12") == Decimal(12)
+    assert gsm8k.extract_answer("Final answer: 6. Check: 2 * 3") == Decimal(6)
+
+
+def test_rule3_boxed_then_rule4_last_number():
+    assert gsm8k.extract_answer("We get \\boxed{14} from 7 * 2") == Decimal(14)
+    assert gsm8k.extract_answer("7 * 2 = 14, plus 1 is 15") == Decimal(15)
 
 
 @pytest.mark.parametrize("text", ["", "no numbers here", "####", "The answer is: unknown"])

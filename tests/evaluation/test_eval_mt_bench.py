@@ -309,12 +309,24 @@ def test_eval_mt_bench_end_to_end_with_the_tiny_model(tmp_path, capsys, monkeypa
     assert summary["metrics"]["mt_bench_score"] == pytest.approx(sum(scores) / 6)
     assert summary["n"] == 3 and summary["details"]["n_judgements"] == 6
     assert "sk-secret" not in (out / "summary.json").read_text()
-    # Judging the written answer file again needs no model and no request: everything is cached.
+    # FastChat's layout as well: model_answer/<model_id>.jsonl and model_judgment/gpt-4_single.jsonl
+    assert [json.loads(l) for l in (out / "model_answer" / "tiny.jsonl").read_text().splitlines()] == answers
+    fastchat = [json.loads(l) for l in (out / "model_judgment" / "gpt-4_single.jsonl").read_text().splitlines()]
+    key = lambda j: (j["question_id"], j["turn"], j["score"])  # noqa: E731 - the cache is in completion order
+    assert [key(j) for j in fastchat] == sorted(map(key, judgements))
+    assert {j["model"] for j in fastchat} == {"tiny"} and {j["judge"][0] for j in fastchat} == {"gpt-4"}
+    assert summary["files"]["fastchat_judgments"] == "model_judgment/gpt-4_single.jsonl"
+    # Judging the written answer file again needs no model and no request: everything is cached. The finished
+    # run's results are replaced only when asked to.
+    created = (out / "summary.json").read_text()
     with FakeJudge() as server:
         args2 = [
             "task=mt_bench", f"data.path={DATA / 'question.jsonl'}", "data.limit=3", f"output_dir={out}",
             f"mt_bench.answers={out / 'answers.jsonl'}", "mt_bench.judge.enabled=true", f"mt_bench.judge.base_url={server.url}",
         ]
-        assert eval_main(args2) == 0, capsys.readouterr().err
+        assert eval_main(args2) == 2
+        assert "overwrite=true" in capsys.readouterr().err
+        assert (out / "summary.json").read_text() == created
+        assert eval_main([*args2, "overwrite=true"]) == 0, capsys.readouterr().err
         assert server.requests == []
     assert json.loads((out / "summary.json").read_text())["metrics"]["mt_bench_score"] == pytest.approx(sum(scores) / 6)

@@ -149,6 +149,25 @@ def test_alpaca_no_input_template_and_prompt_masking():
     assert TOK.decode(ex["input_ids"][n_prompt:-1]) == " 4"
 
 
+def test_chat_template_trains_with_one_bos():
+    """The chat template renders BOS itself; a tokenizer that also adds BOS must not put a second one in front."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = build_byte_tokenizer()
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    assert tok("x")["input_ids"] == [tok.bos_token_id, tok.convert_tokens_to_ids("x")]  # adds BOS, like Llama's
+    spec = DataSpec(task="causal-lm", template="chat", prompt_field="q", response_field="a", max_tokens=100)
+    ex = encode_record({"q": "hi", "a": "ok"}, spec, tok)
+    byte_ids = build_byte_tokenizer()("[hi] ok")["input_ids"]  # 1 byte = 1 token, no BOS
+    assert ex["input_ids"] == [tok.bos_token_id, *byte_ids, tok.eos_token_id]
+    n_prompt = 1 + len("[hi]")  # BOS + the rendered user turn are masked, " ok" + EOS learned
+    assert ex["labels"] == [-100] * n_prompt + ex["input_ids"][n_prompt:]
+    # other templates are plain text, so there the tokenizer's BOS is kept
+    plain = DataSpec(task="causal-lm", template="plain", prompt_field="q", response_field="a", max_tokens=100)
+    assert encode_record({"q": "hi", "a": "ok"}, plain, tok)["input_ids"][:2] == [tok.bos_token_id, byte_ids[1]]
+
+
 def test_length_rule_drops_at_max_tokens_never_truncates():
     prompt_len = len(format_prompt({"q": "x"}, template="plain", prompt_field="q"))  # 1 byte
     rec = {"q": "x", "a": "abcd"}  # "x" + " " + "abcd" = 6 tokens

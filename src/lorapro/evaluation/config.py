@@ -9,8 +9,6 @@ import dataclasses
 from typing import List, Literal, Optional
 
 from ..config import ConfigError, field
-from . import gsm8k as _gsm8k
-from . import humaneval as _humaneval
 
 __all__ = [
     "EvalConfig",
@@ -93,13 +91,19 @@ class DataConfig:
 
 @dataclasses.dataclass
 class GSM8KConfig:
-    prompt_template: str = field(_gsm8k.PROMPT_TEMPLATE, help="prompt with a {question} placeholder (the paper's Alpaca prompt)")
+    prompt_template: Optional[str] = field(
+        None,
+        help="prompt with a {question} placeholder; null = the prompt the adapter's `lorapro train` run trained on "
+        "(its config.yaml), else the paper's Alpaca prompt",
+    )
 
 
 @dataclasses.dataclass
 class HumanEvalConfig:
-    prompt_template: str = field(
-        _humaneval.PROMPT_TEMPLATE, help="prompt with a {prompt} placeholder (the paper's instruction prompt)"
+    prompt_template: Optional[str] = field(
+        None,
+        help="prompt with a {prompt} placeholder; null = the paper's instruction prompt in the template the adapter's "
+        "`lorapro train` run trained on (its config.yaml; Alpaca when there is none)",
     )
     k: List[int] = field(default_factory=lambda: [1, 10, 100], help="pass@k values reported (those <= num_samples)")
     timeout_s: float = field(10.0, help="wall-clock seconds per program before its process tree is killed")
@@ -132,11 +136,14 @@ class MTBenchConfig:
         help="GPT-4 reference answers for math/reasoning/coding (null = reference_answer_gpt-4.jsonl or "
         "reference_answer/gpt-4.jsonl next to data.path)",
     )
-    model_id: Optional[str] = field(None, help="model_id in the answer file (null = adapter or model directory name)")
+    model_id: Optional[str] = field(
+        None, help="model_id in the answer files (null = the training run's name, else the adapter or model name)"
+    )
     prompt_format: Literal["auto", "chat_template", "alpaca"] = field(
         "auto",
         help="how turns become a prompt: the tokenizer's chat template, or Alpaca-style '### Instruction/### "
-        "Response' turns (auto = chat template when the tokenizer has one)",
+        "Response' turns (auto = the one the adapter's `lorapro train` run trained on, else the chat template when "
+        "the tokenizer has one)",
     )
     system_prompt: Optional[str] = field(None, help="system message for chat templates (null = none)")
     answers: Optional[str] = field(
@@ -147,13 +154,22 @@ class MTBenchConfig:
 
 @dataclasses.dataclass
 class GlueConfig:
-    task: Literal["sst2", "cola", "mrpc", "qnli"] = field("sst2", help="GLUE task (metric: accuracy; CoLA: Matthews corr.; MRPC: F1 and accuracy)")
+    task: Literal["sst2", "cola", "mrpc", "qnli", "mnli_matched", "mnli_mismatched"] = field(
+        "sst2",
+        help="GLUE task (metric: accuracy; CoLA: Matthews corr.; MRPC: F1 and accuracy); MNLI: its matched or "
+        "mismatched dev set",
+    )
     mode: Literal["text2text", "classifier"] = field(
         "text2text",
         help="text2text: generate the label word (T5 / decoder LMs); classifier: argmax of a sequence-classification "
         "head (encoders)",
     )
     max_length: int = field(256, help="classifier mode: tokens per input (longer inputs are truncated)")
+    prompt_format: Optional[str] = field(
+        None,
+        help="text2text: the input as a format string over the task's GLUE fields, e.g. '{sentence}'; null = the "
+        "adapter's `lorapro train` run's data.prompt_format, else the LoRA-GA prompt (lorapro.prompts)",
+    )
 
 
 @dataclasses.dataclass
@@ -162,6 +178,9 @@ class EvalConfig:
 
     task: Literal["gsm8k", "humaneval", "mt_bench", "glue"] = field("gsm8k", help="benchmark to run")
     output_dir: str = field("outputs/eval", help="directory for summary.json and the per-example files")
+    overwrite: bool = field(
+        False, help="replace the results of an earlier evaluation in output_dir (otherwise that is an error)"
+    )
     run_name: Optional[str] = field(None, help="label of this run in tables and `lorapro compare` (null = derived)")
     model: ModelConfig = field(default_factory=ModelConfig, help="model under evaluation")
     generation: GenerationConfigSection = field(default_factory=GenerationConfigSection, help="decoding")

@@ -33,6 +33,7 @@ __all__ = [
     "TASKS",
     "load_glue",
     "text_input",
+    "fields_of",
     "label_from_text",
     "accuracy",
     "matthews_corrcoef",
@@ -41,8 +42,18 @@ __all__ = [
 ]
 
 
-# The tasks' instructions and label words are shared with the training recipes (lorapro.prompts).
-TASKS: Dict[str, GlueTask] = GLUE_TASKS
+# The tasks' instructions and label words are shared with the training recipes (lorapro.prompts). MNLI has two dev
+# sets, scored separately as in the GLUE benchmark: matched (the training genres) and mismatched (five others).
+TASKS: Dict[str, GlueTask] = {
+    **{k: v for k, v in GLUE_TASKS.items() if k != "mnli"},
+    "mnli_matched": GLUE_TASKS["mnli"],
+    "mnli_mismatched": GLUE_TASKS["mnli"],
+}
+# MultiNLI's genres (Williams et al. 2018): the matched dev set shares the training genres, the mismatched does not.
+MNLI_GENRES = {
+    "mnli_matched": {"fiction", "government", "slate", "telephone", "travel"},
+    "mnli_mismatched": {"facetoface", "letters", "nineeleven", "oup", "verbatim"},
+}
 
 
 def _task(name: str) -> GlueTask:
@@ -51,12 +62,47 @@ def _task(name: str) -> GlueTask:
     return TASKS[name]
 
 
+def _mnli_rows(rows: List[List[str]], task: str, p: Path) -> List[Dict[str, Any]]:
+    """The examples of an MNLI dev TSV, columns found by name (dev files have label1..label5 before
+    gold_label, train.tsv only label1); refuses the other dev set, told apart by its genres."""
+    t = TASKS[task]
+    header = rows[0] if rows else []
+    need = ("genre", "sentence1", "sentence2", "gold_label")
+    if not set(need) <= set(header):
+        raise ValueError(
+            f"{p} is not an MNLI TSV: its header {header[:6]}... lacks {[c for c in need if c not in header]}. Set "
+            "data.path to GLUE's MNLI dev_matched.tsv or dev_mismatched.tsv."
+        )
+    col = {c: header.index(c) for c in need}
+    out = []
+    for lineno, row in enumerate(rows[1:], 2):
+        if not row or not any(c.strip() for c in row):
+            continue
+        try:
+            genre, label = row[col["genre"]].strip(), row[col["gold_label"]].strip()
+            ex = {"text_a": row[col["sentence1"]].strip(), "text_b": row[col["sentence2"]].strip()}
+            ex["label"] = t.label_words.index(label)
+        except (IndexError, ValueError):
+            raise ValueError(f"{p}:{lineno} is not an MNLI row (columns {list(need)}, gold label one of "
+                             f"{list(t.label_words)}): {row[:4]!r}...") from None
+        other = "mnli_mismatched" if task == "mnli_matched" else "mnli_matched"
+        if genre in MNLI_GENRES[other]:
+            raise ValueError(
+                f"{p}:{lineno} has genre '{genre}', which belongs to the {other.split('_')[1]} dev set; this is not "
+                f"the {task.split('_')[1]} one. Set glue.task={other} or point data.path at the other file."
+            )
+        out.append(ex)
+    return out
+
+
 def load_glue(task: str, path: str, limit: Optional[int] = None) -> List[Dict[str, Any]]:
     """Examples ``{"text_a", "text_b" (pairs), "label"}`` from a GLUE TSV in its original layout.
 
     sst2 ``dev.tsv`` (sentence, label; header), cola ``in_domain_dev.tsv`` (source, label, mark, sentence; no
     header), mrpc ``dev.tsv`` (Quality, #1 ID, #2 ID, #1 String, #2 String; header), qnli ``dev.tsv`` (index,
-    question, sentence, label in words; header).
+    question, sentence, label in words; header), mnli_matched / mnli_mismatched ``dev_matched.tsv`` /
+    ``dev_mismatched.tsv`` (index, promptID, pairID, genre, four parse columns, sentence1, sentence2, label1..5,
+    gold_label in words; header). An empty file is an error.
     """
     t = _task(task)
     p = Path(path).expanduser()
@@ -64,35 +110,53 @@ def load_glue(task: str, path: str, limit: Optional[int] = None) -> List[Dict[st
         raise FileNotFoundError(f"GLUE {task} file '{p}' does not exist. Set data.path to the task's dev TSV.")
     with open(p, encoding="utf-8-sig", newline="") as f:
         rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    if task != "cola":
-        rows = rows[1:]  # header
     out: List[Dict[str, Any]] = []
-    for lineno, row in enumerate(rows, 1 if task == "cola" else 2):
-        if not row or not any(c.strip() for c in row):
-            continue
-        try:
-            if task == "sst2":
-                ex = {"text_a": row[0].strip(), "label": int(row[1])}
-            elif task == "cola":
-                ex = {"text_a": row[3].strip(), "label": int(row[1])}
-            elif task == "mrpc":
-                ex = {"text_a": row[3].strip(), "text_b": row[4].strip(), "label": int(row[0])}
-            else:
-                ex = {"text_a": row[1].strip(), "text_b": row[2].strip(), "label": t.label_words.index(row[3].strip())}
-        except (IndexError, ValueError):
-            raise ValueError(f"{p}:{lineno} is not a {task} row in the GLUE layout: {row!r}") from None
-        out.append(ex)
-        if limit is not None and len(out) >= limit:
-            break
+    if task.startswith("mnli"):
+        out = _mnli_rows(rows, task, p)[:limit]
+    else:
+        if task != "cola":
+            rows = rows[1:]  # header
+        for lineno, row in enumerate(rows, 1 if task == "cola" else 2):
+            if not row or not any(c.strip() for c in row):
+                continue
+            try:
+                if task == "sst2":
+                    ex = {"text_a": row[0].strip(), "label": int(row[1])}
+                elif task == "cola":
+                    ex = {"text_a": row[3].strip(), "label": int(row[1])}
+                elif task == "mrpc":
+                    ex = {"text_a": row[3].strip(), "text_b": row[4].strip(), "label": int(row[0])}
+                else:
+                    ex = {"text_a": row[1].strip(), "text_b": row[2].strip(), "label": t.label_words.index(row[3].strip())}
+            except (IndexError, ValueError):
+                raise ValueError(f"{p}:{lineno} is not a {task} row in the GLUE layout: {row!r}") from None
+            out.append(ex)
+            if limit is not None and len(out) >= limit:
+                break
+    if not out:
+        raise ValueError(f"GLUE {task} file '{p}' holds no examples. Set data.path to the task's dev TSV.")
     return out
 
 
-def text_input(task: str, example: Dict[str, Any]) -> str:
-    """The text-to-text input of an example (LoRA-GA / LoRA-Pro format)."""
+def fields_of(task: str, example: Dict[str, Any]) -> Dict[str, str]:
+    """The example's texts under the GLUE dataset's field names (``sentence``; ``premise``, ``hypothesis``; ...),
+    the names a training recipe's ``data.prompt_format`` uses."""
     t = _task(task)
-    if t.pair:
-        return glue_prompt(t, example["text_a"], example["text_b"])
-    return glue_prompt(t, example["text_a"])
+    return dict(zip(t.fields, (example["text_a"], example["text_b"]) if t.pair else (example["text_a"],)))
+
+
+def text_input(task: str, example: Dict[str, Any], prompt_format: Optional[str] = None) -> str:
+    """The text-to-text input of an example: the LoRA-GA / LoRA-Pro prompt (:mod:`lorapro.prompts`), or
+    ``prompt_format`` over the GLUE dataset's field names (:func:`fields_of`)."""
+    fields = fields_of(task, example)
+    if prompt_format is None:
+        return glue_prompt(_task(task), *fields.values())
+    try:
+        return prompt_format.format(**fields)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(
+            f"glue.prompt_format {prompt_format!r} cannot be filled from the {task} fields {list(fields)} ({e!r})."
+        ) from None
 
 
 def label_from_text(text: str, label_words: Sequence[str]) -> int:

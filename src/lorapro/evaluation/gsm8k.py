@@ -5,13 +5,19 @@ Prompt: the Alpaca template without input, as in the LoRA-Pro / LoRA-GA training
 
 Gold answer: the number after ``####`` on the last line of the GSM8K solution.
 
-Predicted answer (:func:`extract_answer`), first rule that matches wins:
+Predicted answer (:func:`extract_answer`). The output is first cut at the stop sequences generation uses
+(:data:`DEFAULT_STOP`, or the run's ``generation.stop``): a model that runs on into a new "Question: ..." is scored
+on its own first answer, never on the one it invents for the next question. Then the first rule that matches wins:
 
-1. ``#### N`` (GSM8K's own convention);
-2. ``The answer is: N`` / ``The final answer is N`` / ``Answer: N`` (MetaMathQA ends every solution with
-   ``The answer is: N``): the last number of that sentence (``The answer is 2 * 1.5 = 3.`` gives 3), for the
-   last such phrase in the text that holds a number;
-3. ``\\boxed{N}``;
+1. ``#### N`` where the number ends its line (GSM8K's own convention); the **first** such line, as lm-eval's
+   strict-match rule. A markdown heading such as ``#### 1. Add the costs`` is not an answer line;
+2. an answer phrase -- ``The answer is N`` / ``The answer is: N`` / ``The final answer is N`` / ``Answer: N`` /
+   ``Final answer: N``, with "answer" matched as a whole word and followed by "is" or a colon ("She answered
+   3 calls" and "To answer this, 3 ..." are not answer phrases): the **first** number of that sentence, as
+   MetaMath's and the LoRA-Pro authors' scripts do (``The answer is 2 * 1.5 = 3.`` gives 2). MetaMath splits on
+   the phrase and reads the text after the last one, so with several phrases the last one that holds a number
+   is used;
+3. ``\\boxed{N}`` (the last one);
 4. the last number in the text.
 
 Numbers may be negative (``-3``, ``−3``), decimal (``2.50``, ``.5``), have thousands separators (``1,234,567``),
@@ -27,8 +33,9 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from ..prompts import ALPACA_NO_INPUT
 from ..jsonl import iter_jsonl
+from ..prompts import ALPACA_NO_INPUT
+from .generation import cut_at_stop
 
 __all__ = [
     "PROMPT_TEMPLATE",
@@ -45,8 +52,10 @@ __all__ = [
 # The Alpaca prompt that `lorapro train` trains on (lorapro.prompts), with the question as the instruction.
 PROMPT_TEMPLATE = ALPACA_NO_INPUT.replace("{instruction}", "{question}")
 
-# A model trained on Alpaca-format data may start a new example after its answer; cut there.
-DEFAULT_STOP = ["\n### Instruction", "\n\nBelow is an instruction"]
+# A model may start a new example after its answer: in the Alpaca format ("### Instruction") or in the
+# "Question: ...\nAnswer:" format of lm-eval and of configs/cpu_smollm2_gsm8k.yaml. Generation stops there, and
+# extraction cuts there too (outputs scored by `lorapro score` were not necessarily generated with these stops).
+DEFAULT_STOP = ["\n### Instruction", "\n\nBelow is an instruction", "\nQuestion:"]
 
 # One number: an optional sign (only when not glued to a word or digit, so "16-3" is 16 and 3), an optional
 # currency sign, then digits with optional thousands groups and decimals, or a bare ".5".
@@ -55,10 +64,11 @@ _NUM = (
     r"(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?!\d)"
 )
 _NUM_RE = re.compile(_NUM)
-_HASH_RE = re.compile(r"####\s*(" + _NUM + r")")
-# "The answer is ..." up to the end of its sentence: "The answer is 2 * 1.5 = 3." gives 3, its last number.
+# "#### N" only when N ends its line: "#### 1. Add the costs" is a markdown heading, not an answer.
+_HASH_RE = re.compile(r"####[ \t]*(" + _NUM + r")[ \t\r]*(?=\n|$)")
+# An answer phrase ("answer" as a whole word, then "is" or a colon) and the rest of its sentence.
 _ANSWER_IS_RE = re.compile(
-    r"(?:the\s+(?:final\s+)?answer\s+is|final\s+answer|answer)\s*[:\uff1a]?([^\n]*?)(?:\.(?=\s|$)|\n|$)",
+    r"\banswer\s*(?:\bis\b\s*[:\uff1a]?|[:\uff1a])([^\n]*?)(?:\.(?=\s|$)|\n|$)",
     re.IGNORECASE,
 )
 _BOXED_RE = re.compile(r"\\boxed\{\s*(" + _NUM + r")")
@@ -81,10 +91,10 @@ def parse_number(text: str) -> Optional[Decimal]:
     return value if value.is_finite() else None
 
 
-def _last(regex: "re.Pattern[str]", text: str) -> Optional[Decimal]:
-    matches = list(regex.finditer(text))
-    for m in reversed(matches):
-        value = parse_number(m.group(1))
+def _number_of(matches: Sequence["re.Match[str]"], group: int = 1) -> Optional[Decimal]:
+    """The number of the first match (in the given order) whose ``group`` parses as one."""
+    for m in matches:
+        value = parse_number(m.group(group))
         if value is not None:
             return value
     return None
@@ -101,27 +111,21 @@ def extract_gold(solution: str) -> Decimal:
     return value
 
 
-def _last_number(text: str) -> Optional[Decimal]:
-    for m in reversed(list(_NUM_RE.finditer(text))):
-        value = parse_number(m.group(0))
-        if value is not None:
-            return value
-    return None
-
-
-def extract_answer(output: str) -> Optional[Decimal]:
-    """The model's final number (see the module doc for the rules), or ``None`` when there is no number."""
-    value = _last(_HASH_RE, output)
+def extract_answer(output: str, stops: Sequence[str] = DEFAULT_STOP) -> Optional[Decimal]:
+    """The model's answer (rules in order: cut at ``stops``, first ``#### N`` line, answer phrase, ``\\boxed``,
+    last number; see the module doc), or ``None`` when there is no number."""
+    output = cut_at_stop(output, stops)
+    value = _number_of(list(_HASH_RE.finditer(output)))
     if value is not None:
         return value
     for m in reversed(list(_ANSWER_IS_RE.finditer(output))):  # the last answer phrase that holds a number
-        value = _last_number(m.group(1))
+        value = _number_of(list(_NUM_RE.finditer(m.group(1))), 0)  # its sentence's first number
         if value is not None:
             return value
-    value = _last(_BOXED_RE, output)
+    value = _number_of(list(reversed(list(_BOXED_RE.finditer(output)))))
     if value is not None:
         return value
-    return _last_number(output)
+    return _number_of(list(reversed(list(_NUM_RE.finditer(output)))), 0)
 
 
 def is_correct(predicted: Optional[Decimal], gold: Decimal) -> bool:
@@ -135,7 +139,8 @@ def _fmt(value: Optional[Decimal]) -> Optional[str]:
 
 
 def load_gsm8k(path: str, limit: Optional[int] = None) -> List[Dict[str, str]]:
-    """GSM8K records ``{"question", "answer"}`` from a JSONL file (the format of the official release)."""
+    """GSM8K records ``{"question", "answer"}`` from a JSONL file (the format of the official release); an empty
+    file is an error."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(
@@ -149,11 +154,15 @@ def load_gsm8k(path: str, limit: Optional[int] = None) -> List[Dict[str, str]]:
         records.append(rec)
         if limit is not None and len(records) >= limit:
             break
+    if not records:
+        raise ValueError(f"GSM8K file '{p}' holds no records; an empty file would score 0.0. Set data.path to a "
+                         "GSM8K JSONL file.")
     return records
 
 
-def score_records(records: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
-    """Score ``{"output", "answer"}`` records (``answer`` = the GSM8K gold solution or just its number).
+def score_records(records: Sequence[Mapping[str, Any]], stops: Sequence[str] = DEFAULT_STOP) -> Dict[str, Any]:
+    """Score ``{"output", "answer"}`` records (``answer`` = the GSM8K gold solution or just its number); each
+    output is cut at ``stops`` before extraction (pass the stop sequences generation used).
 
     Returns ``{"accuracy", "n", "correct", "examples": [{output, extracted, gold, correct}, ...]}``.
     """
@@ -166,7 +175,7 @@ def score_records(records: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
         gold = extract_gold(answer) if "####" in answer else parse_number(answer)
         if gold is None:
             raise ValueError(f"record {i}: 'answer' has neither '#### N' nor a single number: {answer[-80:]!r}")
-        pred = extract_answer(rec["output"])
+        pred = extract_answer(rec["output"], stops)
         ok = is_correct(pred, gold)
         correct += ok
         examples.append({"output": rec["output"], "extracted": _fmt(pred), "gold": _fmt(gold), "correct": ok})

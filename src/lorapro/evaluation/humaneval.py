@@ -36,11 +36,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from .sandbox import ExecResult, SandboxLimits, isolation, run_programs
-from ..prompts import ALPACA_HEADER
+from ..prompts import ALPACA_NO_INPUT
 from ..jsonl import iter_jsonl
 
 __all__ = [
     "PROMPT_TEMPLATE",
+    "INSTRUCTION",
+    "RESPONSE_START",
     "DEFAULT_STOP",
     "default_problem_file",
     "load_problems",
@@ -52,9 +54,8 @@ __all__ = [
     "evaluate_completions",
 ]
 
-PROMPT_TEMPLATE = (
-    ALPACA_HEADER + "\n\n"
-    "### Instruction:\n"
+# The instruction (with the problem's prompt in a fence) and the start of the response, which opens a fence itself.
+INSTRUCTION = (
     "Complete the following Python code: \n"
     "Notes: respond with the entire complete function definition\n"
     "do not add any comments, be as concise in your code as possible\n"
@@ -63,10 +64,10 @@ PROMPT_TEMPLATE = (
     "code:\n"
     "```python\n"
     "{prompt}\n"
-    "```\n\n"
-    "### Response:\n"
-    "```python\n"
+    "```"
 )
+RESPONSE_START = "```python\n"
+PROMPT_TEMPLATE = ALPACA_NO_INPUT.replace("{instruction}", INSTRUCTION) + RESPONSE_START
 
 # The response is opened with a fence, so the closing fence ends the code; a new instruction means it rambles on.
 DEFAULT_STOP = ["\n```", "\n### Instruction"]

@@ -75,6 +75,8 @@ class JudgeError(RuntimeError):
 def load_questions(path: str, limit: Optional[int] = None) -> List[Dict[str, Any]]:
     """MT-Bench questions (``question_id``, ``category``, ``turns``)."""
     qs = read_jsonl(path, "MT-Bench question")
+    if not qs:
+        raise ValueError(f"MT-Bench question file '{path}' holds no questions. Set data.path to FastChat's question.jsonl.")
     for q in qs:
         if not {"question_id", "category", "turns"} <= set(q):
             raise ValueError(f"{path}: a question lacks question_id/category/turns; is this MT-Bench question.jsonl?")

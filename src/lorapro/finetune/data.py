@@ -310,10 +310,13 @@ def encode_record(record: Mapping[str, Any], spec: DataSpec, tokenizer: Any) -> 
     if spec.task == "causal-lm":
         prompt = prompt_of(record)
         response = str(_get(record, spec.response_field, "data.response_field"))
-        ids = tokenizer(prompt + spec.separator + response)["input_ids"]
+        # A rendered chat template already holds its special tokens (BOS included); adding them again would train
+        # on two BOS while evaluation (and transformers' apply_chat_template(tokenize=True)) has one.
+        special = spec.template != "chat"
+        ids = tokenizer(prompt + spec.separator + response, add_special_tokens=special)["input_ids"]
         if len(ids) >= spec.max_tokens:  # the authors' rule: drop, never truncate, prompt+answer >= max_tokens
             return None
-        n_prompt = len(tokenizer(prompt)["input_ids"])
+        n_prompt = len(tokenizer(prompt, add_special_tokens=special)["input_ids"])
         ids = list(ids) + [tokenizer.eos_token_id]
         labels = [-100] * n_prompt + ids[n_prompt:]
         if all(l == -100 for l in labels):
