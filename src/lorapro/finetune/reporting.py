@@ -62,6 +62,11 @@ class ProgressBar(TrainerCallback):
         self.bar.set_postfix(post, refresh=False)
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def close(self) -> None:
+        """End the bar (also called when training stops on an exception, so the bar's last redraw comes before
+        the error message rather than after it)."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None
