@@ -153,6 +153,12 @@ class DataConfig:
     max_length: int = field(128, help="seq-cls / seq2seq: truncate inputs to this many tokens")
     train_size: Optional[int] = field(None, help="keep the first N records that pass the filters (null: all)")
     eval_size: int = field(0, help="eval set: the next N filtered records after train_size (or the first N of data.eval)")
+    cache: bool = field(
+        True,
+        help="keep the tokenized examples in $LORAPRO_CACHE/tokenized (default ~/.cache/lorapro) and reuse them when "
+        "the data content, tokenizer, template, fields, filter and limits are the same (every torchrun process on a "
+        "machine reads the one copy); false: tokenize every time",
+    )
 
 
 # Keys that may differ between a checkpoint's run and the run resuming it: where the run writes, how often it logs,
@@ -174,6 +180,10 @@ RESUMABLE_KEYS = (
     "data.eval",
     "data.eval_split",
     "data.eval_size",
+    "data.cache",
+    "data.test",  # scored once after training (lorapro sweep's data.test, data.test_split, data.test_size)
+    "data.test_split",
+    "data.test_size",
 )
 
 
