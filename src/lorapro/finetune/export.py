@@ -58,7 +58,10 @@ def export_merged(run_dir: Union[str, Path], output: Optional[Union[str, Path]] 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
     base, tok = load_model_and_tokenizer(cfg.model.name, task=cfg.model.task, num_labels=cfg.model.num_labels,
                                          dtype=dtype)
-    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    from .runner import peft_quietly
+
+    with peft_quietly():
+        merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     merged.config._name_or_path = str(out)
 
     tmp = out.with_name(out.name + ".incomplete")

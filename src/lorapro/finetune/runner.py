@@ -22,12 +22,13 @@ Output directory layout::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -197,6 +198,15 @@ def build_model(cfg: TrainConfig, method: Method) -> Tuple[Any, Any]:
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
     return model, tok
+
+
+@contextlib.contextmanager
+def peft_quietly() -> Iterator[None]:
+    """Around PEFT calls that wrap a model: PEFT itself reads the model's ``is_gradient_checkpointing``, which
+    transformers 5 deprecated (a FutureWarning on every call that is neither ours nor actionable by the user)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def _no_embedding_lookup(model: Any) -> None:
@@ -379,9 +389,7 @@ def run_training(
 
         if method.init == "lora-ga":
             _lora_ga_preprocess(model, lora_config, train_ds, collator, cfg)
-        with warnings.catch_warnings():
-            # PEFT reads the model's deprecated `is_gradient_checkpointing` itself (transformers 5 renamed it)
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        with peft_quietly():
             model = peft.get_peft_model(model, lora_config)
         _no_embedding_lookup(model)
         if method.init in ("pissa", "lora-ga"):
