@@ -131,3 +131,32 @@ def test_second_cli_run_does_not_tokenize(tmp_path, add_data, encodes, capsys):
     assert len(encodes) == 12 and "(tokenized; cached in" in capsys.readouterr().out
     assert lorapro_main([*argv, f"output_dir={tmp_path / 'b'}"]) == 0
     assert len(encodes) == 12 and "(tokenized examples from cache" in capsys.readouterr().out
+
+
+def test_the_other_processes_wait_for_the_writer(add_data, cache, encodes, monkeypatch, tmp_path):
+    import shutil
+    import threading
+    import time
+
+    cfg = _cfg(f"data.train={add_data}", "data.train_size=10")
+    written, _, _ = _build(cfg)  # what the writer will produce
+    (f,) = cache.glob("*.pt")
+    shutil.move(f, tmp_path / "made.pt")
+    marker = f.with_name(f.name + ".writing")
+    marker.write_text("the writer is tokenizing")
+
+    def writer_finishes():
+        time.sleep(1.5)
+        shutil.copy(tmp_path / "made.pt", f)
+        marker.unlink()
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(data, "_CACHE_GRACE_S", 0.0)  # only the marker keeps this process waiting
+    encodes.clear()
+    threading.Thread(target=writer_finishes).start()
+    read, _, note = _build(cfg)
+    assert not encodes and "from cache" in note and read.examples == written.examples
+    # a writer that could not write (no marker, no file): the others tokenize themselves after the grace period
+    f.unlink()
+    read, _, note = _build(cfg)
+    assert len(encodes) == 10 and "cache" not in note and not f.exists()

@@ -441,7 +441,10 @@ def build_datasets(data_cfg: Any, task: str, tokenizer: Any) -> Tuple[TokenizedD
 # tokenization cache
 
 _CACHE_VERSION = 1
-_CACHE_WAIT_S = float(os.environ.get("LORAPRO_TOKENIZE_WAIT_S", "1800"))
+# Under torchrun the processes that do not write the cache wait for the one that does: at most _CACHE_GRACE_S for it
+# to start, then as long as it is tokenizing (at most _CACHE_WAIT_S); then they tokenize themselves.
+_CACHE_GRACE_S = 60.0
+_CACHE_WAIT_S = float(os.environ.get("LORAPRO_TOKENIZE_WAIT_S", "3600"))
 
 
 def _sha256_file(path: Path, h: Any) -> None:
@@ -574,28 +577,40 @@ def select_examples_cached(
     h.update(json.dumps([dataclasses.asdict(spec), list(counts)], sort_keys=True, default=list).encode())
     path = tokenized_cache_dir() / f"{h.hexdigest()[:32]}.pt"
 
-    deadline = time.monotonic() + (0 if _cache_writer() else _CACHE_WAIT_S)
+    writing = path.with_name(path.name + ".writing")  # exists while the writer tokenizes
+    start = time.monotonic()
     while True:
         if path.is_file():
             try:
                 packed = torch.load(path, weights_only=True)
-                return [_unpack(c) for c in packed["chunks"]], int(packed["seen"]), f" (tokenized examples from cache {path})"
+                chunks = [_unpack(c) for c in packed["chunks"]]
+                return chunks, int(packed["seen"]), f" (tokenized examples from cache {path})"
             except Exception:  # a damaged cache file is no reason to fail: tokenize again and replace it
                 break
-        if time.monotonic() >= deadline:
+        waited = time.monotonic() - start
+        # The writer has not started (grace), or is tokenizing (up to the limit): wait. A writer that cannot
+        # write (read-only cache) never creates the marker, so the others tokenize after the grace period.
+        if _cache_writer() or waited >= _CACHE_WAIT_S or (waited >= _CACHE_GRACE_S and not writing.exists()):
             break
-        time.sleep(1.0)
-    chunks, seen = compute()
+        time.sleep(0.5)
     if not _cache_writer():
-        return chunks, seen, ""
-    path.parent.mkdir(parents=True, exist_ok=True)
+        return (*compute(), "")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writing.write_text(str(os.getpid()))
+    except OSError:  # a read-only or full cache directory must not stop training
+        return (*compute(), "")
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        torch.save({"chunks": [_pack(c) for c in chunks], "seen": seen}, tmp)
-        os.replace(tmp, path)
-    except OSError:  # a full or read-only cache directory must not stop training
-        tmp.unlink(missing_ok=True)
-        return chunks, seen, ""
+        chunks, seen = compute()
+        try:
+            torch.save({"chunks": [_pack(c) for c in chunks], "seen": seen}, tmp)
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            return chunks, seen, ""
+    finally:
+        writing.unlink(missing_ok=True)
     return chunks, seen, f" (tokenized; cached in {path})"
 
 

@@ -371,16 +371,18 @@ def run_training(
 
     import yaml
 
-    if _is_main_process() and cfg.overwrite and out.is_dir() and any(out.iterdir()) and not (
-        resume is not None and Path(resume).resolve().is_relative_to(out.resolve())
-    ):
-        # A fresh run must not share its checkpoints/ with the old one (resume_from_checkpoint=latest would pick
-        # those), and nothing a user made is deleted: the old contents move aside in one rename.
-        _say(f"overwrite=true: moved the previous contents of {out} to {move_aside(out)} (delete it when not needed)")
     config_text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-    out.mkdir(parents=True, exist_ok=True)
-    if _is_main_process():
-        (out / "config.yaml").write_text(config_text)
+    with args.main_process_first(desc="output_dir"):  # under torchrun the others wait until rank 0 has set it up
+        if _is_main_process() and cfg.overwrite and out.is_dir() and any(out.iterdir()) and not (
+            resume is not None and Path(resume).resolve().is_relative_to(out.resolve())
+        ):
+            # A fresh run must not share its checkpoints/ with the old one (resume_from_checkpoint=latest would
+            # pick those), and nothing a user made is deleted: the old contents move aside in one rename.
+            _say(f"overwrite=true: moved the previous contents of {out} to {move_aside(out)} (delete it when not "
+                 "needed)")
+        out.mkdir(parents=True, exist_ok=True)
+        if _is_main_process():
+            (out / "config.yaml").write_text(config_text)
     _say(data_summary)
 
     initial_dir: Optional[Path] = None
