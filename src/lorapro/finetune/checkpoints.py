@@ -87,7 +87,7 @@ class CheckpointTrainer(Trainer):
     def _get_output_dir(self, trial: Any) -> str:
         return self._staging if self._staging is not None else super()._get_output_dir(trial)
 
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+    def _save_checkpoint(self, model: Any, trial: Any, *args: Any, **kwargs: Any) -> None:  # 4.x also passes metrics
         run_dir = Path(super()._get_output_dir(trial))
         staging = run_dir / STAGING_DIR
         name = f"checkpoint-{self.state.global_step}"
@@ -97,7 +97,7 @@ class CheckpointTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         self._staging = str(staging)
         try:
-            super()._save_checkpoint(model, trial)
+            super()._save_checkpoint(model, trial, *args, **kwargs)
             if main:
                 for fname, text in self.checkpoint_files.items():
                     (staging / name / fname).write_text(text)
