@@ -10,6 +10,7 @@ from typing import List, Optional
 # subcommand -> (module, function, one-line description)
 COMMANDS = {
     "train": ("lorapro.finetune.cli", "main", "fine-tune a model from a YAML config (any method: lora, lora-pro, ...)"),
+    "export": ("lorapro.finetune.export", "main", "merge a trained adapter into its base model and save the result"),
     "demo": ("lorapro.demo", "main", "the CPU demo: LoRA vs LoRA-Pro on SmolLM2-135M with a GSM8K slice"),
     "eval": ("lorapro.evaluation.cli", "eval_main", "evaluate a model (+ optional adapter) from a YAML config"),
     "score": ("lorapro.evaluation.cli", "score_main", "score completions produced elsewhere (humaneval, gsm8k)"),

@@ -19,7 +19,16 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Ty
 
 T = TypeVar("T")
 
-__all__ = ["ConfigError", "field", "load_config", "from_dict", "to_dict", "help_text", "parse_overrides"]
+__all__ = [
+    "ConfigError",
+    "field",
+    "load_config",
+    "from_dict",
+    "to_dict",
+    "help_text",
+    "parse_overrides",
+    "unknown_key_message",
+]
 
 
 class ConfigError(ValueError):
@@ -36,11 +45,50 @@ def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any
     return dataclasses.field(**kwargs)
 
 
-def _closest(key: str, valid: Sequence[str]) -> str:
-    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+class _UnknownKey(ConfigError):
+    """Raised deep inside :func:`from_dict`; the outermost call turns it into the message (it knows the root)."""
+
+    def __init__(self, key: str):
+        super().__init__(f"Unknown config key '{key}'.")
+        self.key = key
+
+
+def _dotted_keys(cls: Type[Any], prefix: str = "") -> List[str]:
+    out: List[str] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, _ = _strip_optional(hints[f.name])
+        out.append(prefix + f.name)
+        if dataclasses.is_dataclass(tp):
+            out.extend(_dotted_keys(tp, prefix + f.name + "."))
+    return out
+
+
+def unknown_key_message(root: Type[Any], key: str) -> str:
+    """``Unknown config key 'KEY'.`` plus the key that was probably meant, always written in full (with its section).
+
+    In order: a foreign name the config class lists in its ``KEY_ALIASES`` (a mapping name -> ``"our.key"`` or
+    ``"our.key (note)"``, e.g. Hugging Face ``learning_rate`` -> ``optim.lr``), the same name in another section (``train.lr`` -> ``optim.lr``), the closest name in the same
+    section (``optim.lrr`` -> ``optim.lr``); else the keys of that section.
+    """
+    parts = key.split(".")
+    leaf, section = parts[-1], ".".join(parts[:-1])
+    all_keys = _dotted_keys(root)
+    aliases: Mapping[str, str] = getattr(root, "KEY_ALIASES", {})
+    msg = f"Unknown config key '{key}'."
+    if leaf in aliases:
+        target, _, note = aliases[leaf].partition(" ")
+        note = "; " + note[1:-1] if note.startswith("(") else ""
+        return msg + f" Did you mean '{target}'? ('{leaf}' is a Hugging Face / LLaMA-Factory name{note}.)"
+    elsewhere = [k for k in all_keys if k.split(".")[-1] == leaf and k != key]
+    if elsewhere:
+        return msg + f" Did you mean '{elsewhere[0]}'?"
+    siblings = [k for k in all_keys if ("." in k and k.rsplit(".", 1)[0] == section) or (not section and "." not in k)]
+    names = [k.split(".")[-1] for k in siblings]
+    match = difflib.get_close_matches(leaf, names, n=1, cutoff=0.5)
     if match:
-        return f" Did you mean '{match[0]}'?"
-    return f" Valid keys: {', '.join(sorted(valid))}."
+        return msg + f" Did you mean '{(section + '.' if section else '') + match[0]}'?"
+    return msg + f" Valid keys{' of ' + section if section else ''}: {', '.join(sorted(siblings))}."
 
 
 def _strip_optional(tp: Any) -> Tuple[Any, bool]:
@@ -125,12 +173,21 @@ def _fields(cls: Type[Any]) -> Dict[str, dataclasses.Field]:
 
 def from_dict(cls: Type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     """Build dataclass ``cls`` from a (nested) mapping, rejecting unknown keys with a suggestion."""
+    if not prefix:  # the root: unknown keys anywhere below are reported here, where every section is known
+        try:
+            return _from_dict(cls, data, prefix)
+        except _UnknownKey as e:
+            raise ConfigError(unknown_key_message(cls, e.key)) from None
+    return _from_dict(cls, data, prefix)
+
+
+def _from_dict(cls: Type[T], data: Mapping[str, Any], prefix: str) -> T:
     hints = typing.get_type_hints(cls)
     fields = _fields(cls)
     kwargs: Dict[str, Any] = {}
     for key, value in data.items():
         if key not in fields:
-            raise ConfigError(f"Unknown config key '{prefix}{key}'.{_closest(str(key), list(fields))}")
+            raise _UnknownKey(f"{prefix}{key}")
         kwargs[key] = _coerce(value, hints[key], prefix + key)
     missing = [
         n
@@ -170,9 +227,7 @@ def parse_overrides(cls: Type[Any], overrides: Sequence[str]) -> Dict[str, Any]:
         for depth, part in enumerate(parts):
             fields = _fields(node_cls)
             if part not in fields:
-                where = ".".join(parts[:depth])
-                valid = [f"{where}.{k}" if where else k for k in fields]
-                raise ConfigError(f"Unknown config key '{key}'.{_closest('.'.join(parts[: depth + 1]), valid)}")
+                raise ConfigError(unknown_key_message(cls, ".".join(parts[: depth + 1])))
             hint, _ = _strip_optional(typing.get_type_hints(node_cls)[part])
             if depth < len(parts) - 1:
                 if not dataclasses.is_dataclass(hint):

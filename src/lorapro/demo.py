@@ -171,7 +171,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from lorapro.finetune.methods import METHODS
     from lorapro.finetune.reporting import plot_losses
     from lorapro.finetune.runner import run_training
-    from lorapro.models import load_model_and_tokenizer
+    from lorapro.models import ModelLoadError, load_model_and_tokenizer
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -195,7 +195,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     t0 = time.perf_counter()
     try:
         base, tok = load_model_and_tokenizer(args.model)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ModelLoadError) as e:
         print(f"lorapro demo: {e}", file=sys.stderr)
         return 2
     cfg0 = demo_config(methods[0], steps=args.steps, output_dir=out, seed=args.seed, lr=lrs[methods[0]],

@@ -34,6 +34,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 __all__ = [
+    "ModelLoadError",
     "TASKS",
     "BUILTIN_MODELS",
     "PACKAGED_MODELS",
@@ -58,6 +59,25 @@ PACKAGED_MODELS = {
 }
 
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(ValueError):
+    """A model name or task that cannot be loaded; the message says what was wrong and what to do instead."""
+
+
+def _known_names() -> list:
+    return list(BUILTIN_MODELS) + list(PACKAGED_MODELS)
+
+
+def _did_you_mean(name: str) -> str:
+    import difflib
+
+    lowered = name.lower()
+    close = difflib.get_close_matches(lowered, _known_names(), n=1, cutoff=0.6)
+    if not close:  # "tiny-llama" for "builtin:tiny-llama"
+        close = difflib.get_close_matches(lowered, [n.split(":", 1)[-1] for n in _known_names()], n=1, cutoff=0.6)
+        close = [n for n in _known_names() if close and n.endswith(close[0])]
+    return f" Did you mean '{close[0]}'?" if close else ""
 
 
 def cache_dir() -> Path:
@@ -219,7 +239,10 @@ def resolve_model_path(name_or_path: str) -> str:
         module, install, _ = PACKAGED_MODELS[key]
         return str(_package_dir(module, install, key) / "model")
     if name_or_path.startswith("builtin:"):
-        raise ValueError(f"Unknown builtin model '{name_or_path}'. Builtin models: {', '.join(BUILTIN_MODELS)}.")
+        raise ModelLoadError(
+            f"Unknown builtin model '{name_or_path}'.{_did_you_mean(name_or_path)} Builtin models: "
+            f"{', '.join(BUILTIN_MODELS)}."
+        )
     return name_or_path
 
 
@@ -258,7 +281,11 @@ def load_model_and_tokenizer(
     key = name_or_path.lower()
     supported = BUILTIN_MODELS.get(key) or (PACKAGED_MODELS[key][2] if key in PACKAGED_MODELS else None)
     if supported is not None and task not in supported:
-        raise ValueError(f"Model '{name_or_path}' supports task(s) {list(supported)}, not '{task}'.")
+        raise ModelLoadError(
+            f"Model '{name_or_path}' supports task(s) {list(supported)}, not '{task}'. Set the task to one of "
+            f"those, or pick a model for '{task}' (builtin: "
+            f"{', '.join(n for n, t in BUILTIN_MODELS.items() if task in t)})."
+        )
 
     if key in BUILTIN_MODELS:
         model, tok = _build_tiny(key, task, num_labels, init_seed)
@@ -282,13 +309,32 @@ def load_model_and_tokenizer(
         path = str(Path(path).expanduser()) if looks_local else path
         kwargs: Dict[str, Any] = dict(dtype=dtype, trust_remote_code=trust_remote_code)
         kwargs.update(model_kwargs or {})
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        if task == "causal-lm":
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        elif task == "seq2seq":
-            model = AutoModelForSeq2SeqLM.from_pretrained(path, **kwargs)
-        else:
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
+        auto = {"causal-lm": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM,
+                "seq-cls": AutoModelForSequenceClassification}[task]
+        if task == "seq-cls":
+            kwargs["num_labels"] = num_labels
+        try:
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            model = auto.from_pretrained(path, **kwargs)
+        except OSError as e:  # not on disk, not in the hub cache, and the hub unreachable (or offline)
+            if looks_local:
+                raise ModelLoadError(f"Could not load model from directory '{path}': {e}") from None
+            offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+            why = "HF_HUB_OFFLINE is set" if offline else str(e).splitlines()[0]
+            raise ModelLoadError(
+                f"Could not load model '{name_or_path}': it is not a local directory, a builtin or packaged name, and "
+                f"not in the Hugging Face cache, so it would come from the hub ({why}).{_did_you_mean(name_or_path)} "
+                f"Download it where there is network (huggingface-cli download {name_or_path}) and give its "
+                f"directory, or use one of: {', '.join(_known_names())}."
+            ) from None
+        except ValueError as e:
+            if "Unrecognized configuration class" not in str(e):
+                raise
+            raise ModelLoadError(
+                f"Model '{name_or_path}' cannot be loaded for task '{task}' ({str(e).splitlines()[0]}). Set the task "
+                "the model was made for (causal-lm: decoder LMs such as Llama; seq-cls: encoders such as BERT, or a "
+                "decoder with a classification head; seq2seq: T5)."
+            ) from None
 
     if tok.pad_token is None:
         if tok.eos_token is None:

@@ -44,3 +44,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def _tokenized_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("tokenized")
+
+
+@pytest.fixture(autouse=True)
+def tokenized_cache(monkeypatch, _tokenized_cache):
+    """The tokenization cache of these tests lives in the session's temporary directory, not in ~/.cache."""
+    import lorapro.finetune.data as data
+
+    monkeypatch.setattr(data, "tokenized_cache_dir", lambda: _tokenized_cache)
+    return _tokenized_cache

@@ -84,3 +84,42 @@ def test_demo_rejects_unknown_method(capsys):
 def test_demo_never_replaces_a_calling_process():
     """main() re-executes itself with OMP_WAIT_POLICY set only when it *is* the command, never under a caller."""
     assert demo._started_as_command() is False
+
+
+def test_demo_makes_no_network_lookups_and_shows_no_deprecation_warnings(tmp_path, monkeypatch, capsys):
+    """The demo's model (smollm2-135m-instruct) has a name that is no path but looks like a hub repository, so
+    PEFT's default save asked the hub for its config.json. The tiny model stands in for it under that name."""
+    import socket
+    import warnings
+
+    import lorapro.models as models
+
+    real_load = models.load_model_and_tokenizer
+
+    def named_like_the_demo_model(name, **kwargs):
+        model, tok = real_load(name, **kwargs)
+        model.config._name_or_path = model.name_or_path = "smollm2-135m-instruct"
+        return model, tok
+
+    import peft.utils.other
+
+    lookups = []
+
+    def no_network(*args, **kwargs):
+        lookups.append(args[:2])
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(models, "load_model_and_tokenizer", named_like_the_demo_model)
+    monkeypatch.setattr(peft.utils.other, "file_exists", no_network)  # PEFT's hub look-up
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # a user's machine: online unless told otherwise
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc = demo.main(["--model", "builtin:tiny-llama", "--max-tokens", "1024", "--steps", "2", "--heldout", "2",
+                        "--lr", "5e-3", "--output-dir", str(tmp_path / "demo")])
+    assert rc == 0
+    assert lookups == []
+    shown = [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught]
+    assert not [w for w in shown if "Deprecat" in w or "FutureWarning" in w or "remote file" in w
+                or "config file" in w], shown

@@ -2,7 +2,10 @@
 half-written; and --help documenting every key."""
 
 import dataclasses
+import importlib.util
 import typing
+
+import pytest
 
 from lorapro.cli import main as lorapro_main
 from lorapro.finetune.config import TrainConfig
@@ -42,7 +45,7 @@ def test_bad_yaml_key_names_the_closest(tmp_path, add_data, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"data:\n  train: {add_data}\ntrain:\n  global_batch: 8\n")
     assert lorapro_main(["train", str(cfg)]) == 2
-    assert "Unknown config key 'train.global_batch'. Did you mean 'global_batch_size'?" in capsys.readouterr().err
+    assert "Unknown config key 'train.global_batch'. Did you mean 'train.global_batch_size'?" in capsys.readouterr().err
 
 
 def test_bad_method_names_the_closest(tmp_path, add_data, capsys):
@@ -82,3 +85,89 @@ def test_batch_sizes_must_divide(tmp_path, add_data, capsys):
     rc = lorapro_main(["train", f"data.train={add_data}", "train.global_batch_size=10", "train.micro_batch_size=4"])
     assert rc == 2
     assert "must be a multiple of train.micro_batch_size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "override, suggestion",
+    [
+        ("optim.learning_rate=1e-4", "Did you mean 'optim.lr'? ('learning_rate' is a Hugging Face"),
+        ("learning_rate=1e-4", "Did you mean 'optim.lr'?"),
+        ("num_train_epochs=3", "Did you mean 'train.epochs'?"),
+        ("per_device_train_batch_size=8", "Did you mean 'train.micro_batch_size'?"),
+        ("train.gradient_accumulation_steps=4", "Did you mean 'train.global_batch_size'? "),
+        ("train.lr=1e-4", "Did you mean 'optim.lr'?"),  # the right name in the wrong section
+        ("optim.warmup_ratioo=0.1", "Did you mean 'optim.warmup_ratio'?"),
+    ],
+)
+def test_suggestions_keep_the_section_and_know_hugging_face_names(tmp_path, add_data, capsys, override, suggestion):
+    out = tmp_path / "o"
+    assert lorapro_main(["train", f"data.train={add_data}", f"output_dir={out}", override]) == 2
+    err = capsys.readouterr().err
+    assert f"Unknown config key '{override.split('=')[0]}'. {suggestion}" in err
+    assert "shard_state" not in err
+    assert not out.exists()
+
+
+def _train_rc(tmp_path, add_data, *overrides):
+    out = tmp_path / "run"
+    rc = lorapro_main(["train", f"data.train={add_data}", f"output_dir={out}", "train.max_steps=1", *overrides])
+    return rc, out
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.name=builtin:tiny-lama"], "Unknown builtin model 'builtin:tiny-lama'. Did you mean 'builtin:tiny-llama'?"),
+        (["model.name=tiny-llama"], "Did you mean 'builtin:tiny-llama'?"),
+        (["model.name=meta-llama/Llama-2-7b-hf"], "Could not load model 'meta-llama/Llama-2-7b-hf'"),
+        (["model.name=builtin:tiny-t5"], "Model 'builtin:tiny-t5' supports task(s) ['seq2seq'], not 'causal-lm'"),
+    ],
+)
+def test_model_errors_are_messages(tmp_path, add_data, capsys, overrides, message):
+    rc, out = _train_rc(tmp_path, add_data, *overrides)
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_hub_name_offline_says_what_to_do(tmp_path, add_data, capsys):
+    rc, out = _train_rc(tmp_path, add_data, "model.name=meta-llama/Llama-2-7b-hf")
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "HF_HUB_OFFLINE is set" in err and "huggingface-cli download meta-llama/Llama-2-7b-hf" in err
+
+
+def test_local_model_that_does_not_fit_the_task(tmp_path, add_data, capsys):
+    from lorapro.models import load_model_and_tokenizer
+
+    t5, tok = load_model_and_tokenizer("builtin:tiny-t5", task="seq2seq")
+    t5.save_pretrained(tmp_path / "t5")
+    tok.save_pretrained(tmp_path / "t5")
+    rc, out = _train_rc(tmp_path, add_data, f"model.name={tmp_path / 't5'}")
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "cannot be loaded for task 'causal-lm'" in err and "T5Config" in err
+    assert not out.exists()
+
+
+def test_deepspeed_not_installed(tmp_path, add_data, capsys, monkeypatch):
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 0}}')
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "deepspeed" else real(n, *a))
+    rc, out = _train_rc(tmp_path, add_data, f"train.deepspeed={ds}")
+    assert rc == 2
+    assert "DeepSpeed is not installed: pip install 'lorapro[deepspeed]'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("tool, module", [("tensorboard", "tensorboard"), ("wandb", "wandb")])
+def test_report_to_a_tool_that_is_not_installed(tmp_path, add_data, capsys, monkeypatch, tool, module):
+    real = importlib.util.find_spec
+    hidden = {"tensorboard", "tensorboardX", "wandb"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n in hidden else real(n, *a))
+    rc, out = _train_rc(tmp_path, add_data, f"train.report_to={tool}")
+    assert rc == 2
+    assert f"train.report_to={tool} but {module} is not installed" in capsys.readouterr().err
+    assert not out.exists()

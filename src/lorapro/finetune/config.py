@@ -13,7 +13,7 @@ from lorapro.config import ConfigError, field
 
 from .methods import METHODS
 
-__all__ = ["ModelConfig", "LoraSection", "OptimConfig", "TrainSection", "DataConfig", "TrainConfig"]
+__all__ = ["ModelConfig", "LoraSection", "OptimConfig", "TrainSection", "DataConfig", "TrainConfig", "RESUMABLE_KEYS"]
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -108,6 +108,14 @@ class TrainSection:
     )
     dataloader_workers: int = field(0, help="DataLoader worker processes")
     deepspeed: Optional[str] = field(None, help="path of a DeepSpeed JSON config (passed to the HF Trainer)")
+    save_only_model: bool = field(
+        False,
+        help="checkpoints hold the trained weights only, no optimizer state: much smaller (a full-mode LoRA-Pro "
+        "checkpoint of a 7B model carries ~50 GB of m x n moments) but not resumable",
+    )
+    report_to: Literal["none", "tensorboard", "wandb"] = field(
+        "none", help="also send the logs to TensorBoard (output_dir/tensorboard) or Weights & Biases, if installed"
+    )
 
 
 @dataclass
@@ -158,6 +166,66 @@ class DataConfig:
     max_length: int = field(128, help="seq-cls / seq2seq: truncate inputs to this many tokens")
     train_size: Optional[int] = field(None, help="keep the first N records that pass the filters (null: all)")
     eval_size: int = field(0, help="eval set: the next N filtered records after train_size (or the first N of data.eval)")
+    cache: bool = field(
+        True,
+        help="keep the tokenized examples in $LORAPRO_CACHE/tokenized (default ~/.cache/lorapro) and reuse them when "
+        "the data content, tokenizer, template, fields, filter and limits are the same (every torchrun process on a "
+        "machine reads the one copy); false: tokenize every time",
+    )
+
+
+# Keys that may differ between a checkpoint's run and the run resuming it: where the run writes, how often it logs,
+# evaluates and saves, and how a global batch is split over processes (same examples, same step). Any other
+# difference (lr, max_steps, data, method, ...) would silently mix two runs, so resuming refuses it.
+RESUMABLE_KEYS = (
+    "output_dir",
+    "overwrite",
+    "model.gradient_checkpointing",
+    "train.resume_from_checkpoint",
+    "train.micro_batch_size",
+    "train.logging_steps",
+    "train.save_steps",
+    "train.save_total_limit",
+    "train.eval_steps",
+    "train.dataloader_workers",
+    "train.save_only_model",
+    "train.report_to",
+    "data.eval",
+    "data.eval_split",
+    "data.eval_size",
+    "data.cache",
+    "data.test",  # scored once after training (lorapro sweep's data.test, data.test_split, data.test_size)
+    "data.test_split",
+    "data.test_size",
+)
+
+
+# Names from transformers.TrainingArguments / PEFT / LLaMA-Factory that users type out of habit -> our key. They
+# are suggested, not accepted: one spelling per setting keeps configs and their diffs readable.
+HF_KEY_NAMES = {
+    "learning_rate": "optim.lr",
+    "num_train_epochs": "train.epochs",
+    "per_device_train_batch_size": "train.micro_batch_size",
+    "per_device_eval_batch_size": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size (accumulation = global_batch_size / (micro_batch_size x "
+    "processes))",
+    "lr_scheduler_type": "optim.scheduler",
+    "adam_beta1": "optim.betas (a list: [beta1, beta2])",
+    "adam_beta2": "optim.betas (a list: [beta1, beta2])",
+    "adam_epsilon": "optim.eps",
+    "dataloader_num_workers": "train.dataloader_workers",
+    "model_name_or_path": "model.name",
+    "torch_dtype": "model.dtype",
+    "lora_r": "lora.r",
+    "lora_rank": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "lora_target": "lora.target_modules",
+    "dataset": "data.train",
+    "cutoff_len": "data.max_tokens (longer records are dropped, not truncated)",
+    "max_samples": "data.train_size",
+    "overwrite_output_dir": "overwrite",
+}
 
 
 @dataclass
@@ -168,12 +236,18 @@ class TrainConfig:
     )
     seed: int = field(0, help="random seed (data order, dropout, new heads); the paper reports seeds 0, 1, 2")
     output_dir: str = field("runs/lorapro", help="where the adapter, logs, plot and checkpoints go")
-    overwrite: bool = field(False, help="allow writing into a non-empty output_dir (otherwise it is an error)")
+    overwrite: bool = field(
+        False,
+        help="start afresh in a non-empty output_dir: its previous contents are moved to "
+        "OUTPUT_DIR.replaced-<timestamp> (never deleted); without it a non-empty output_dir is an error",
+    )
     model: ModelConfig = field(default_factory=ModelConfig, help="base model")
     lora: LoraSection = field(default_factory=LoraSection, help="LoRA adapter (ignored by method=full)")
     optim: OptimConfig = field(default_factory=OptimConfig, help="optimizer and schedule")
     train: TrainSection = field(default_factory=TrainSection, help="training loop")
     data: DataConfig = field(default_factory=DataConfig, help="data source, recipe filter and prompt format")
+
+    KEY_ALIASES = HF_KEY_NAMES  # not a field (no annotation): read by lorapro.config's unknown-key message
 
     def validate(self) -> None:
         if self.method not in METHODS:

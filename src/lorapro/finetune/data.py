@@ -27,7 +27,9 @@ set (unless ``data.eval`` names a separate source).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +54,7 @@ __all__ = [
     "spec_from_config",
     "encode_record",
     "select_examples",
+    "select_examples_cached",
     "TokenizedDataset",
     "PadCollator",
 ]
@@ -411,15 +414,14 @@ def spec_from_config(data_cfg: Any, task: str) -> DataSpec:
 def build_datasets(data_cfg: Any, task: str, tokenizer: Any) -> Tuple[TokenizedDataset, Optional[TokenizedDataset], str]:
     """``(train, eval or None, summary line)`` from the ``data`` section of a ``TrainConfig``."""
     spec = spec_from_config(data_cfg, task)
-    kw = dict(hub_config=data_cfg.hub_config, tsv_columns=data_cfg.tsv_columns)
-    records = read_records(data_cfg.train, split=data_cfg.train_split, **kw)
     separate_eval = bool(data_cfg.eval)
     counts: List[Optional[int]] = [data_cfg.train_size]
     if not separate_eval and data_cfg.eval_size:
         if data_cfg.train_size is None:
             raise DataError("data.eval_size takes records after the first data.train_size ones; set data.train_size.")
         counts.append(data_cfg.eval_size)
-    chunks, seen = select_examples(records, spec, tokenizer, counts)
+    chunks, seen, cache_note = select_examples_cached(data_cfg, data_cfg.train, data_cfg.train_split, spec,
+                                                      tokenizer, counts)
     train = TokenizedDataset(chunks[0])
     if len(train) == 0:
         raise DataError(
@@ -428,15 +430,192 @@ def build_datasets(data_cfg: Any, task: str, tokenizer: Any) -> Tuple[TokenizedD
         )
     eval_ds: Optional[TokenizedDataset] = None
     if separate_eval:
-        eval_records = read_records(data_cfg.eval, split=data_cfg.eval_split, **kw)
-        (eval_chunk,), _ = select_examples(eval_records, spec, tokenizer, [data_cfg.eval_size or None])
+        (eval_chunk,), _, _ = select_examples_cached(data_cfg, data_cfg.eval, data_cfg.eval_split, spec, tokenizer,
+                                                     [data_cfg.eval_size or None])
         eval_ds = TokenizedDataset(eval_chunk)
     elif len(chunks) > 1:
         eval_ds = TokenizedDataset(chunks[1])
     summary = f"data: {len(train)} train examples ({train.num_tokens()} tokens) from {data_cfg.train}"
     if eval_ds is not None:
         summary += f"; {len(eval_ds)} eval examples"
-    return train, eval_ds, summary
+    return train, eval_ds, summary + cache_note
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tokenization cache
+
+_CACHE_VERSION = 1
+# Under torchrun the processes that do not write the cache wait for the one that does: at most _CACHE_GRACE_S for it
+# to start, then as long as it is tokenizing (at most _CACHE_WAIT_S); then they tokenize themselves.
+_CACHE_GRACE_S = 60.0
+_CACHE_WAIT_S = float(os.environ.get("LORAPRO_TOKENIZE_WAIT_S", "3600"))
+
+
+def _sha256_file(path: Path, h: Any) -> None:
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+
+
+def _tokenizer_fingerprint(tokenizer: Any, h: Any) -> None:
+    """Everything that decides how text becomes ids: the files ``save_pretrained`` writes (vocabulary, merges,
+    normalizer, special tokens, chat template, flags such as add_bos_token)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save_pretrained(d)
+        for f in sorted(Path(d).rglob("*")):
+            if f.is_file():
+                h.update(f.name.encode())
+                _sha256_file(f, h)
+
+
+def _source_fingerprint(source: str, split: str, data_cfg: Any, h: Any) -> bool:
+    """Hash the content of a local data file (its path does not matter), or a hub dataset's own fingerprint.
+    False when the source cannot be fingerprinted (then nothing is cached)."""
+    h.update(json.dumps([split, data_cfg.hub_config, data_cfg.tsv_columns]).encode())
+    if _looks_local(source):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            return False  # read_records says what is wrong
+        h.update(path.suffix.lower().encode())
+        _sha256_file(path, h)
+        return True
+    try:
+        import datasets
+
+        fingerprint = getattr(datasets.load_dataset(source, data_cfg.hub_config, split=split), "_fingerprint", None)
+    except Exception:  # read_records reports the problem
+        return False
+    if not fingerprint:
+        return False
+    h.update(str(fingerprint).encode())
+    return True
+
+
+def _pack(examples: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
+    """Examples as flat tensors (loadable with ``weights_only=True``). Causal-LM labels are the input ids with a
+    masked prompt, so only the length of the mask is stored for them."""
+    ids = [e["input_ids"] for e in examples]
+    out = {
+        "lengths": torch.tensor([len(x) for x in ids], dtype=torch.int64),
+        "input_ids": torch.tensor([t for x in ids for t in x], dtype=torch.int64),
+    }
+    labels = [e["labels"] for e in examples]
+    if labels and not isinstance(labels[0], (list, tuple)):
+        out["label"] = torch.tensor([int(v) for v in labels], dtype=torch.int64)
+        return out
+    starts = []
+    for x, lab in zip(ids, labels):
+        k = next((i for i, v in enumerate(lab) if v != -100), len(lab))
+        if len(lab) != len(x) or list(lab[k:]) != list(x[k:]):
+            starts = None
+            break
+        starts.append(k)
+    if starts is not None:
+        out["label_start"] = torch.tensor(starts, dtype=torch.int64)
+    else:
+        out["label_lengths"] = torch.tensor([len(v) for v in labels], dtype=torch.int64)
+        out["labels"] = torch.tensor([t for v in labels for t in v], dtype=torch.int64)
+    return out
+
+
+def _split(flat: torch.Tensor, lengths: torch.Tensor) -> List[List[int]]:
+    values, out, i = flat.tolist(), [], 0
+    for n in lengths.tolist():
+        out.append(values[i : i + n])
+        i += n
+    return out
+
+
+def _unpack(packed: Dict[str, torch.Tensor]) -> List[Dict[str, Any]]:
+    ids = _split(packed["input_ids"], packed["lengths"])
+    if "label" in packed:
+        labels: List[Any] = packed["label"].tolist()
+    elif "label_start" in packed:
+        labels = [[-100] * k + x[k:] for x, k in zip(ids, packed["label_start"].tolist())]
+    else:
+        labels = _split(packed["labels"], packed["label_lengths"])
+    return [{"input_ids": x, "labels": y} for x, y in zip(ids, labels)]
+
+
+def tokenized_cache_dir() -> Path:
+    """Where :func:`select_examples_cached` keeps its files: ``lorapro.models.cache_dir() / "tokenized"``."""
+    from ..models import cache_dir
+
+    return cache_dir() / "tokenized"
+
+
+def _cache_writer() -> bool:
+    """One process per machine writes the cache (LOCAL_RANK 0 under torchrun; RANK 0 on one machine); the others
+    wait for its file instead of tokenizing the same records again."""
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) == 0
+
+
+def select_examples_cached(
+    data_cfg: Any, source: str, split: str, spec: DataSpec, tokenizer: Any, counts: Sequence[Optional[int]]
+) -> Tuple[List[List[Dict[str, Any]]], int, str]:
+    """:func:`select_examples` on ``read_records(source)``, reusing an earlier run's result when ``data.cache`` is
+    on and nothing that decides it changed. Returns ``(chunks, records read, note for the summary line)``.
+
+    The key hashes the data itself (file content, or a hub dataset's fingerprint), the tokenizer's saved files,
+    the :class:`DataSpec` (template, fields, filter, length limits), the requested counts and the source of this
+    module and of ``lorapro.prompts`` (so a change to how records are encoded never serves stale examples). Files
+    live in ``$LORAPRO_CACHE/tokenized`` (default ``~/.cache/lorapro/tokenized``); delete them at any time.
+    """
+    import hashlib
+    import time
+
+    def compute() -> Tuple[List[List[Dict[str, Any]]], int]:
+        records = read_records(source, split=split, hub_config=data_cfg.hub_config, tsv_columns=data_cfg.tsv_columns)
+        return select_examples(records, spec, tokenizer, counts)
+
+    h = hashlib.sha256(f"lorapro-tokenized-v{_CACHE_VERSION}".encode())
+    if not getattr(data_cfg, "cache", False) or not _source_fingerprint(source, split, data_cfg, h):
+        return (*compute(), "")
+    from ..prompts import __file__ as prompts_file
+
+    for code in (__file__, prompts_file):
+        _sha256_file(Path(code), h)
+    _tokenizer_fingerprint(tokenizer, h)
+    h.update(json.dumps([dataclasses.asdict(spec), list(counts)], sort_keys=True, default=list).encode())
+    path = tokenized_cache_dir() / f"{h.hexdigest()[:32]}.pt"
+
+    writing = path.with_name(path.name + ".writing")  # exists while the writer tokenizes
+    start = time.monotonic()
+    while True:
+        if path.is_file():
+            try:
+                packed = torch.load(path, weights_only=True)
+                chunks = [_unpack(c) for c in packed["chunks"]]
+                return chunks, int(packed["seen"]), f" (tokenized examples from cache {path})"
+            except Exception:  # a damaged cache file is no reason to fail: tokenize again and replace it
+                break
+        waited = time.monotonic() - start
+        # The writer has not started (grace), or is tokenizing (up to the limit): wait. A writer that cannot
+        # write (read-only cache) never creates the marker, so the others tokenize after the grace period.
+        if _cache_writer() or waited >= _CACHE_WAIT_S or (waited >= _CACHE_GRACE_S and not writing.exists()):
+            break
+        time.sleep(0.5)
+    if not _cache_writer():
+        return (*compute(), "")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writing.write_text(str(os.getpid()))
+    except OSError:  # a read-only or full cache directory must not stop training
+        return (*compute(), "")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        chunks, seen = compute()
+        try:
+            torch.save({"chunks": [_pack(c) for c in chunks], "seen": seen}, tmp)
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            return chunks, seen, ""
+    finally:
+        writing.unlink(missing_ok=True)
+    return chunks, seen, f" (tokenized; cached in {path})"
 
 
 def build_test_dataset(data_cfg: Any, task: str, tokenizer: Any) -> Optional[TokenizedDataset]:

@@ -27,11 +27,13 @@ __all__ = ["ProgressBar", "JsonlLogger", "read_log", "plot_losses"]
 
 
 class ProgressBar(TrainerCallback):
-    """tqdm bar over optimizer steps; the postfix shows the last loss, lr and tokens/s; tqdm shows the ETA."""
+    """tqdm bar over optimizer steps; the postfix shows the last loss, lr and tokens/s; tqdm shows the ETA.
+    Every evaluation (periodic and final) gets its own bar over the eval batches."""
 
     def __init__(self, desc: str = "train"):
         self.desc = desc
         self.bar = None
+        self.eval_bar = None
         self._t0 = None
         self._tok0 = 0
 
@@ -63,7 +65,31 @@ class ProgressBar(TrainerCallback):
             post["tok/s"] = f"{tokens / dt:.0f}"
         self.bar.set_postfix(post, refresh=False)
 
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        if self.eval_bar is None:
+            from tqdm.auto import tqdm
+
+            total = len(eval_dataloader) if eval_dataloader is not None and hasattr(eval_dataloader, "__len__") else None
+            self.eval_bar = tqdm(total=total, desc=f"{self.desc} eval", leave=self.bar is None, dynamic_ncols=True)
+        self.eval_bar.update(1)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._close_eval()
+
+    def _close_eval(self) -> None:
+        if self.eval_bar is not None:
+            self.eval_bar.close()
+            self.eval_bar = None
+
     def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def close(self) -> None:
+        """End the bar (also called when training stops on an exception, so the bar's last redraw comes before
+        the error message rather than after it)."""
+        self._close_eval()
         if self.bar is not None:
             self.bar.close()
             self.bar = None

@@ -4,7 +4,8 @@
 The Trainer is used as is — LoRA-Pro enters through ``optimizer_cls_and_kwargs`` (see
 :mod:`lorapro.integrations.transformers`), LoRA+ through ``optimizers=``, the user-facing output through two
 callbacks (:mod:`lorapro.finetune.reporting`). Gradient accumulation, clipping, warm-up + cosine, bf16,
-checkpoints (adapter + optimizer + scheduler + RNG state) and resuming are the Trainer's own.
+checkpoints (adapter + optimizer + scheduler + RNG state) and resuming are the Trainer's own; checkpoints are
+written aside and renamed when complete (:mod:`lorapro.finetune.checkpoints`).
 
 Output directory layout::
 
@@ -15,23 +16,33 @@ Output directory layout::
       adapter/               PEFT adapter: adapter_config.json + adapter_model.safetensors (+ tokenizer)
       model/                 instead of adapter/ for method=full
       initial_adapter/       PiSSA / LoRA-GA only: the adapter at initialisation, used to convert the final one
-      checkpoints/checkpoint-N/   every train.save_steps steps (Trainer format, resumable)
+      checkpoints/checkpoint-N/   every train.save_steps steps (Trainer format + lorapro_config.yaml, resumable)
+      checkpoints/.incomplete/    a checkpoint being written (removed if the save fails)
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from lorapro.config import ConfigError, to_dict
 
-from .config import TrainConfig
+from .checkpoints import (
+    CONFIG_NAME,
+    checkpoint_problem,
+    config_differences,
+    latest_checkpoint,
+    move_aside,
+    saved_config_path,
+)
+from .config import RESUMABLE_KEYS, TrainConfig
 from .data import PadCollator, build_datasets, build_test_dataset
 from .methods import Method, get_method
 
@@ -67,24 +78,63 @@ def _say(msg: str) -> None:
 
 
 def resolve_resume(cfg: TrainConfig) -> Optional[str]:
-    """The checkpoint directory to resume from (``None`` when not resuming); ``'latest'`` is looked up."""
+    """The checkpoint directory to resume from (``None`` when not resuming); ``'latest'`` is looked up.
+
+    ``latest`` skips incomplete or damaged checkpoints (with a warning); a named checkpoint that is damaged is an
+    error. Either way the checkpoint's config must match this run's except for :data:`RESUMABLE_KEYS`.
+    """
     r = cfg.train.resume_from_checkpoint
     if not r:
         return None
     if r == "latest":
-        from transformers.trainer_utils import get_last_checkpoint
-
         ckdir = Path(cfg.output_dir) / "checkpoints"
-        last = get_last_checkpoint(str(ckdir)) if ckdir.is_dir() else None
+        last, skipped = latest_checkpoint(ckdir, warn=lambda msg: _say(f"warning: {msg}"))
         if last is None:
+            what = "holds no complete checkpoint (" + "; ".join(skipped) + ")" if skipped else \
+                "holds no checkpoint-N directory"
             raise ConfigError(
-                f"train.resume_from_checkpoint=latest but {ckdir} holds no checkpoint-N directory; "
-                "set train.save_steps in the run you want to resume, or give a checkpoint path."
+                f"train.resume_from_checkpoint=latest but {ckdir} {what}; set train.save_steps in the run you want "
+                "to resume, or give a checkpoint path."
             )
-        return last
-    if not (Path(r) / "trainer_state.json").is_file():
-        raise ConfigError(f"train.resume_from_checkpoint: '{r}' is not a Trainer checkpoint (no trainer_state.json).")
-    return r
+        path = last
+    else:
+        path = Path(r)
+        problem = checkpoint_problem(path) if path.is_dir() else "it is not a directory"
+        if problem:
+            raise ConfigError(
+                f"train.resume_from_checkpoint: cannot resume from '{r}': {problem}. Give another checkpoint, or "
+                "train.resume_from_checkpoint=latest for the newest complete one."
+            )
+    _check_resumable_config(cfg, path)
+    return str(path)
+
+
+def _check_resumable_config(cfg: TrainConfig, checkpoint: Path) -> None:
+    """Refuse to continue a checkpoint written with another config (other than :data:`RESUMABLE_KEYS`)."""
+    import yaml
+
+    from lorapro.config import from_dict
+
+    source = saved_config_path(checkpoint)
+    if source is None:
+        _say(f"warning: {checkpoint} carries no config; cannot check that it was written by this run's config.")
+        return
+    try:
+        saved = yaml.safe_load(source.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source} (the config of checkpoint {checkpoint}) is not valid YAML: {e}") from None
+    try:
+        saved = to_dict(from_dict(TrainConfig, saved))  # fill in defaults of keys the file does not spell out
+    except ConfigError:
+        pass  # written by another lorapro version: compare the keys as they are
+    diffs = config_differences(saved, to_dict(cfg), RESUMABLE_KEYS)
+    if diffs:
+        raise ConfigError(
+            f"train.resume_from_checkpoint: {checkpoint} was written by a run with another config ({source}); "
+            f"resuming would mix two runs. Differences (checkpoint -> now): {'; '.join(diffs)}. Use the checkpoint's "
+            f"values (e.g. lorapro train {source} train.resume_from_checkpoint={checkpoint}), or start a new run "
+            f"(another output_dir, or overwrite=true). Keys that may change on resume: {', '.join(RESUMABLE_KEYS)}."
+        )
 
 
 def _check_output_dir(cfg: TrainConfig, resuming: bool) -> Path:
@@ -100,6 +150,44 @@ def _check_output_dir(cfg: TrainConfig, resuming: bool) -> Path:
     return out
 
 
+def _check_tools(cfg: TrainConfig) -> None:
+    """Optional packages the config asks for are installed (checked before anything is loaded or written)."""
+    import importlib.util
+
+    t = cfg.train
+    if t.deepspeed:
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError(
+                "train.deepspeed is set but DeepSpeed is not installed: pip install 'lorapro[deepspeed]' "
+                "(or pip install deepspeed), or remove train.deepspeed."
+            )
+        if not Path(t.deepspeed).is_file():
+            raise ConfigError(f"train.deepspeed: '{t.deepspeed}' is not a file; give the path of a DeepSpeed JSON config.")
+    needs = {"tensorboard": (("tensorboard", "tensorboardX"), "pip install tensorboard"),
+             "wandb": (("wandb",), "pip install wandb (then wandb login)")}
+    if t.report_to in needs:
+        modules, install = needs[t.report_to]
+        if not any(importlib.util.find_spec(m) is not None for m in modules):
+            raise ConfigError(
+                f"train.report_to={t.report_to} but {modules[0]} is not installed: {install}, or set "
+                "train.report_to=none (the JSONL log and loss.png are always written)."
+            )
+
+
+def _report_callbacks(cfg: TrainConfig, out: Path) -> List[Any]:
+    """TensorBoard writes to ``output_dir/tensorboard`` (from the main process only); wandb is added by the Trainer
+    itself through ``report_to``."""
+    if cfg.train.report_to != "tensorboard" or not _is_main_process():
+        return []
+    from transformers.integrations import TensorBoardCallback
+
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        from tensorboardX import SummaryWriter
+    return [TensorBoardCallback(SummaryWriter(log_dir=str(out / "tensorboard")))]
+
+
 def build_model(cfg: TrainConfig, method: Method) -> Tuple[Any, Any]:
     """The base model and tokenizer (``lorapro.models``), before any adapter."""
     from lorapro.models import load_model_and_tokenizer
@@ -110,6 +198,29 @@ def build_model(cfg: TrainConfig, method: Method) -> Tuple[Any, Any]:
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
     return model, tok
+
+
+@contextlib.contextmanager
+def peft_quietly() -> Iterator[None]:
+    """Around PEFT calls that wrap a model: PEFT itself reads the model's ``is_gradient_checkpointing``, which
+    transformers 5 deprecated (a FutureWarning on every call that is neither ours nor actionable by the user)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def _no_embedding_lookup(model: Any) -> None:
+    """Make every ``save_pretrained`` of this PEFT model skip the embedding matrices.
+
+    With PEFT's default (``save_embedding_layers="auto"``) each save asks the hub for the base model's
+    ``config.json`` to see whether the vocabulary was resized — a network look-up (and a warning when offline)
+    for names such as ``smollm2-135m-instruct`` that are no hub repository. We never resize the vocabulary, so
+    the answer is always "no"; say so up front. The Trainer calls ``model.save_pretrained`` itself, hence the
+    bound default rather than an argument at our own call sites.
+    """
+    import functools
+
+    model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
 
 
 def _lora_config(cfg: TrainConfig, method: Method) -> Any:
@@ -193,10 +304,12 @@ def _training_arguments(cfg: TrainConfig, out: Path, has_eval: bool) -> Any:
         save_strategy="steps" if t.save_steps > 0 else "no",
         save_steps=max(t.save_steps, 1),
         save_total_limit=t.save_total_limit,
+        save_only_model=t.save_only_model,
         eval_strategy="steps" if (has_eval and t.eval_steps > 0) else "no",
         eval_steps=t.eval_steps if t.eval_steps > 0 else None,
         seed=cfg.seed,
-        report_to="none",
+        report_to="wandb" if t.report_to == "wandb" else "none",
+        run_name=out.name,
         disable_tqdm=True,
         dataloader_num_workers=t.dataloader_workers,
         remove_unused_columns=False,
@@ -229,16 +342,16 @@ def run_training(
 ) -> RunResult:
     """Run one fine-tuning job described by ``cfg`` and return where everything went (plus the trained model)."""
     import transformers
-    from transformers import PrinterCallback, Trainer
+    from transformers import PrinterCallback
+
+    from .checkpoints import CheckpointTrainer
 
     t_start = time.perf_counter()
     method = get_method(cfg.method)
+    _check_tools(cfg)
     resume = resolve_resume(cfg)
     out = _check_output_dir(cfg, resuming=resume is not None)
     transformers.logging.set_verbosity_warning()
-    # PEFT warns on every save that a builtin:/packaged model name has no config.json to check the vocabulary
-    # against; we never resize embeddings, so the warning carries no information here.
-    warnings.filterwarnings("ignore", message="Could not find a config file in")
     transformers.set_seed(cfg.seed)
 
     # Everything that can fail on user input (model name, data path, fields) happens before output_dir is touched.
@@ -256,11 +369,20 @@ def run_training(
     lora_config = _lora_config(cfg, method) if method.peft else None
     args = _training_arguments(cfg, out, eval_ds is not None)
 
-    out.mkdir(parents=True, exist_ok=True)
-    if _is_main_process():
-        import yaml
+    import yaml
 
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    config_text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    with args.main_process_first(desc="output_dir"):  # under torchrun the others wait until rank 0 has set it up
+        if _is_main_process() and cfg.overwrite and out.is_dir() and any(out.iterdir()) and not (
+            resume is not None and Path(resume).resolve().is_relative_to(out.resolve())
+        ):
+            # A fresh run must not share its checkpoints/ with the old one (resume_from_checkpoint=latest would
+            # pick those), and nothing a user made is deleted: the old contents move aside in one rename.
+            _say(f"overwrite=true: moved the previous contents of {out} to {move_aside(out)} (delete it when not "
+                 "needed)")
+        out.mkdir(parents=True, exist_ok=True)
+        if _is_main_process():
+            (out / "config.yaml").write_text(config_text)
     _say(data_summary)
 
     initial_dir: Optional[Path] = None
@@ -269,7 +391,9 @@ def run_training(
 
         if method.init == "lora-ga":
             _lora_ga_preprocess(model, lora_config, train_ds, collator, cfg)
-        model = peft.get_peft_model(model, lora_config)
+        with peft_quietly():
+            model = peft.get_peft_model(model, lora_config)
+        _no_embedding_lookup(model)
         if method.init in ("pissa", "lora-ga"):
             # Save the adapter as initialised so the final one can be converted into a plain LoRA adapter for the
             # *original* base weights (PiSSA / LoRA-GA subtract B A from W0 at init).
@@ -319,6 +443,7 @@ def run_training(
     callbacks: List[Any] = [JsonlLogger(log_path, resume_step=resume_step)]
     if progress:
         callbacks.append(ProgressBar(desc=method.name))
+    callbacks.extend(_report_callbacks(cfg, out))
     callbacks.extend(extra_callbacks)
     if method.optimizer == "lorapro" and cfg.optim.shard_state:
         from lorapro.integrations.distributed import ConsolidateStateCallback
@@ -337,17 +462,23 @@ def run_training(
         from .metrics import classification_metrics
 
         trainer_kwargs["compute_metrics"] = classification_metrics
-    trainer = Trainer(
+    trainer = CheckpointTrainer(
         model=model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         data_collator=collator,
         callbacks=callbacks,
+        checkpoint_files={CONFIG_NAME: config_text},
         **trainer_kwargs,
     )
     trainer.remove_callback(PrinterCallback)
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:
+        for cb in callbacks:
+            if isinstance(cb, ProgressBar):
+                cb.close()
     from . import metrics as run_metrics
 
     eval_loss = None

@@ -223,8 +223,12 @@ class Sweep:
         if key in self._checked or not p.is_file():
             return
         self._checked.add(key)
-        have = yaml.safe_load(p.read_text()) or {}
         want = to_dict(from_dict(TrainConfig, self.train_dict(key)))
+        try:  # through the config class, so keys added since the run was made compare as their defaults
+            have = to_dict(from_dict(TrainConfig, yaml.safe_load(p.read_text()) or {}))
+        except ConfigError as e:
+            raise ConfigError(f"{self.run_dir(key)}: its config.yaml no longer loads ({e}); use another sweep "
+                              "folder (--dir) or delete the old runs.") from None
         diff = sorted(k for k in _flat(want).keys() | _flat(have).keys()
                       if k not in _RUN_KEYS and _flat(want).get(k) != _flat(have).get(k))
         if diff:
