@@ -503,7 +503,10 @@ class LoRAProAdamW(_LoRAProBase):
         weight_decay: decoupled weight decay λ (applied to A and B, as AdamW applies it to parameters).
         mode: ``"full"``, ``"efficient"`` or ``"factored"``.
         x_solution: ``"sylvester"`` (default), ``"zero"`` or ``"symmetric"`` — the free r × r matrix X.
-        delta: ridge δ added to the Gram matrices BᵀB and AAᵀ before inverting.
+        delta: relative cut-off of the pseudo-inverses of the Gram matrices BᵀB and AAᵀ: eigenvalues
+            ``≤ δ·λ_max`` count as zero (``torch.linalg.pinv``'s ``rtol``), so B = 0 (PEFT's initialisation) gives
+            ĝ_A = 0 and g̃ = G·P_A exactly, and a singular Gram matrix (r > min(m, n), a rank-deficient first
+            batch) does not amplify float32 rounding (see :mod:`lorapro.functional`).
         model: with ``params`` given as tensors/groups, the model whose LoRA layers say which tensors pair up.
         compute_dtype: precision of the LoRA-Pro algebra. ``None`` (default, automatic): r × r algebra in float64,
             products with factor-sized operands in the factors' work dtype (float32 for float32 / bf16 factors),
@@ -539,7 +542,7 @@ class LoRAProAdamW(_LoRAProBase):
         *,
         mode: str = "full",
         x_solution: str = "sylvester",
-        delta: float = 1e-8,
+        delta: float = 1e-6,
         model: Optional[nn.Module] = None,
         compute_dtype: Optional[torch.dtype] = None,
         state_dtype: Optional[torch.dtype] = None,
@@ -552,7 +555,7 @@ class LoRAProAdamW(_LoRAProBase):
         _check_range("beta parameter at index 0", betas[0], 0.0, 1.0)
         _check_range("beta parameter at index 1", betas[1], 0.0, 1.0)
         _check_range("weight_decay value", weight_decay, 0.0)
-        _check_range("delta (ridge)", delta, 0.0, low_open=True)
+        _check_range("delta (relative cut-off of the Gram eigenvalues)", delta, 0.0, 1.0, low_open=True)
         if mode not in MODES:
             raise ValueError(f"Invalid mode {mode!r}: choose one of {MODES}.")
         if x_solution not in F.X_SOLUTIONS:
@@ -775,7 +778,7 @@ class LoRAProSGD(_LoRAProBase):
         nesterov: bool = False,
         *,
         x_solution: str = "sylvester",
-        delta: float = 1e-8,
+        delta: float = 1e-6,
         model: Optional[nn.Module] = None,
         compute_dtype: Optional[torch.dtype] = None,
         state_dtype: Optional[torch.dtype] = None,
@@ -784,7 +787,7 @@ class LoRAProSGD(_LoRAProBase):
         _check_range("learning rate", lr, 0.0)
         _check_range("momentum value", momentum, 0.0)
         _check_range("weight_decay value", weight_decay, 0.0)
-        _check_range("delta (ridge)", delta, 0.0, low_open=True)
+        _check_range("delta (relative cut-off of the Gram eigenvalues)", delta, 0.0, 1.0, low_open=True)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening.")
         if x_solution not in F.X_SOLUTIONS:
