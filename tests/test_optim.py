@@ -315,12 +315,6 @@ def test_error_sparse_gradients():
         opt.step()
 
 
-def test_error_closure():
-    model = make_model()
-    with pytest.raises(TypeError, match="closure"):
-        LoRAProAdamW(model).step(lambda: 0.0)
-
-
 @pytest.mark.parametrize(
     "kwargs,match",
     [
