@@ -419,6 +419,8 @@ class _LoRAProBase(Optimizer):
         for g, names in zip(self.param_groups, pair_names):  # the model's names, not the checkpoint's
             if names is not None:
                 g["pair_names"] = names
+        if self._sharding is not None:
+            self._sharding.ensure_current(self)  # owners of groups added since the last step
         id_to_param = {
             pid: p
             for old, new in zip(saved_groups, self.param_groups)
@@ -432,6 +434,8 @@ class _LoRAProBase(Optimizer):
                 k: (v.detach().to(device=p.device if k != "step" else v.device).clone() if torch.is_tensor(v) else v)
                 for k, v in st.items()
             }
+        if self._sharding is not None:  # each rank now holds only its own pairs' part of the loaded state
+            self._sharding.loaded(any(id(id_to_param[pid]) in self._sharding.owner_of for pid in saved_state))
 
     # -- helpers for subclasses ----------------------------------------------------------------------------------
 
