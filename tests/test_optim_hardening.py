@@ -12,26 +12,15 @@ peft = pytest.importorskip("peft")
 
 from lorapro import LoRAProAdamW, LoRAProSGD, lora_pairs  # noqa: E402
 from lorapro import reference as R  # noqa: E402
-from toy_lora import backward, batches, peft_toy  # noqa: E402
+from toy_lora import MLP, backward, batches, peft_toy  # noqa: E402
 
 f64 = torch.float64
 KINDS = ["sgd", "full", "efficient", "factored"]
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up = nn.Linear(6, 10)
-        self.mid = nn.Linear(10, 10)
-        self.head = nn.Linear(10, 3)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.mid(torch.tanh(self.up(x)))))
-
-
 def make_model(dtype=f64, seed=0, **lora_kwargs):
     torch.manual_seed(seed)
-    return peft_toy(Net(), ["up", "mid"], dtype=dtype, **lora_kwargs)
+    return peft_toy(MLP(), ["up", "mid"], dtype=dtype, **lora_kwargs)
 
 
 def make_opt(kind, params, **kw):

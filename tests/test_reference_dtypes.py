@@ -14,27 +14,15 @@ peft = pytest.importorskip("peft")
 
 from lorapro import LoRAProAdamW, LoRAProSGD, lora_pairs  # noqa: E402
 from lorapro import reference as R  # noqa: E402
-from toy_lora import backward, batches, peft_toy  # noqa: E402
+from toy_lora import MLP, backward, batches, peft_toy  # noqa: E402
 
 f64 = torch.float64
 ADAM_MODES = ["full", "efficient", "factored"]
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up = nn.Linear(6, 10)
-        self.mid = nn.Linear(10, 10)
-        self.down = nn.Linear(10, 6)
-        self.head = nn.Linear(6, 3)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.down(torch.tanh(self.mid(torch.tanh(self.up(x)))))))
-
-
 def make_model(dtype=f64, seed=0):
     torch.manual_seed(seed)
-    return peft_toy(Net(), ["up", "mid", "down"], dtype=dtype)
+    return peft_toy(MLP(), ["up", "mid", "down"], dtype=dtype)
 
 
 def reference_step(kind, A, B, gA, gB, s, st, **hp):
