@@ -72,7 +72,7 @@ MUTANTS: List[Mutant] = [
     Mutant("apply: no weight decay", "src/lorapro/optim.py",
            "decay = 1.0 - lr * weight_decay", "decay = 1.0", ("tests/test_optim.py",)),
     Mutant("sgd: dampening ignored", "src/lorapro/optim.py",
-           'alpha=1.0 - group["dampening"])', "alpha=1.0)", ("tests/test_optim.py",)),
+           'alpha=1.0 - group["dampening"])', "alpha=1.0)", ("tests/test_reference_dtypes.py",)),
     Mutant("plain AdamW: defaults lr", "src/lorapro/optim.py",
            'adamw_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=beta1',
            'adamw_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr=self.defaults["lr"], beta1=beta1', ("tests/test_reference_dtypes.py",)),

@@ -96,14 +96,14 @@ def test_bfloat16_factors_step_like_the_float64_reference(kind):
 def test_two_groups_with_their_own_lr_and_a_scheduler_match_the_reference(kind):
     # float64 throughout, so the optimizer and the reference agree to float64 rounding: the bound 1e-9 relative is
     # what test_optim.py uses (measured: ≤ 1e-13). Two LoRA groups and the head get different learning rates, all
-    # different from the constructor's, and a scheduler changes them every step.
+    # different from the constructor's, and a scheduler changes them every step. SGD runs with dampening.
     model = make_model()
     pairs = lora_pairs(model)
     head = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
     lrs = [3e-3, 2e-2, 5e-3] if kind != "sgd" else [0.02, 0.1, 0.05]
     groups = [{"lora_pairs": pairs[:1], "lr": lrs[0]}, {"lora_pairs": pairs[1:], "lr": lrs[1]},
               {"params": head, "lr": lrs[2]}]
-    opt = (LoRAProSGD(groups, lr=1.0, momentum=0.9) if kind == "sgd"
+    opt = (LoRAProSGD(groups, lr=1.0, momentum=0.9, dampening=0.3) if kind == "sgd"
            else LoRAProAdamW(groups, lr=1.0, mode=kind, weight_decay=0.05))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1.0 + t))
     group_of = {p.name: 0 if i == 0 else 1 for i, p in enumerate(pairs)}
@@ -115,13 +115,13 @@ def test_two_groups_with_their_own_lr_and_a_scheduler_match_the_reference(kind):
         for p in pairs:
             A, B, st = ref[p.name]
             lr = lrs[group_of[p.name]] / (1.0 + t)
-            hp = dict(lr=lr, momentum=0.9) if kind == "sgd" else dict(lr=lr, weight_decay=0.05)
+            hp = dict(lr=lr, momentum=0.9, dampening=0.3) if kind == "sgd" else dict(lr=lr, weight_decay=0.05)
             ref[p.name] = (*reference_step(kind, A, B, p.A.grad, p.B.grad, p.scaling, st, **hp), st)
         for p in head:
             val, st = ref_head[id(p)]
             lr = lrs[2] / (1.0 + t)
             if kind == "sgd":
-                st["buf"] = p.grad.clone() if "buf" not in st else 0.9 * st["buf"] + p.grad
+                st["buf"] = p.grad.clone() if "buf" not in st else 0.9 * st["buf"] + 0.7 * p.grad
                 ref_head[id(p)] = (val - lr * st["buf"], st)
             else:
                 ref_head[id(p)] = (R.adamw_plain_step(val, p.grad, st, lr=lr, weight_decay=0.05), st)

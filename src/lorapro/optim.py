@@ -26,7 +26,7 @@ from torch.optim import Optimizer
 from . import factored as FF
 from . import distributed as _dist
 from . import functional as F
-from .pairing import LoRAPair, check_pair, lora_pairs
+from .pairing import LoRAPair, check_one_adapter_per_layer, check_pair, check_trainable_halves, lora_pairs
 
 __all__ = ["LoRAProAdamW", "LoRAProSGD", "build_param_groups", "MODES"]
 
@@ -64,34 +64,6 @@ def _lora_group(pairs: Sequence[LoRAPair], options: Dict[str, Any]) -> Dict[str,
         "scalings": [float(p.scaling) for p in pairs],
         "pair_names": [p.name for p in pairs],
     }
-
-
-def _check_trainable_halves(pair: LoRAPair) -> None:
-    """A pair with one frozen half would be stepped as if that half's gradient were zero: refuse it."""
-    if pair.A.requires_grad != pair.B.requires_grad:
-        frozen = "A" if not pair.A.requires_grad else "B"
-        raise ValueError(
-            f"{pair.name}: {frozen} has requires_grad=False but its partner is trainable. LoRA-Pro adjusts A and B "
-            "together (it needs both gradients); make both trainable (requires_grad_(True)) or leave the pair out."
-        )
-
-
-def _check_one_adapter_per_layer(pairs: Sequence[LoRAPair]) -> None:
-    """Refuse two trainable adapters on one layer: each pair's step projects the layer's gradient G onto its own
-    subspace, and the steps add up (two identical adapters would move the layer exactly twice as far)."""
-    by_module: Dict[int, List[LoRAPair]] = defaultdict(list)
-    for pair in pairs:
-        if pair.module is not None:
-            by_module[id(pair.module)].append(pair)
-    for same in by_module.values():
-        if len(same) > 1:
-            names = ", ".join(p.name for p in same)
-            raise ValueError(
-                f"Several trainable LoRA adapters on one layer ({names}). LoRA-Pro projects the layer's full-weight "
-                "gradient onto each adapter's own subspace, so their steps would add up and the layer would move "
-                "too far. Train one adapter per layer at a time: freeze the others (requires_grad_(False), or "
-                "PEFT's model.set_adapter(name))."
-            )
 
 
 def build_param_groups(params: ParamsT, model: Optional[nn.Module] = None, *, require_lora: bool = True
@@ -149,7 +121,7 @@ def build_param_groups(params: ParamsT, model: Optional[nn.Module] = None, *, re
         if explicit is not None:
             pairs = [_as_pair(item, f"param group {gi}, pair {j}") for j, item in enumerate(explicit)]
             for pair in pairs:
-                _check_trainable_halves(pair)
+                check_trainable_halves(pair.A, pair.B, pair.name)
         plain: List[torch.Tensor] = []
         seen: Dict[int, LoRAPair] = {}
         for p in plain_in:
@@ -171,7 +143,7 @@ def build_param_groups(params: ParamsT, model: Optional[nn.Module] = None, *, re
             all_pairs += pairs
         if plain:
             out.append({**options, "params": plain, "lora": False})
-    _check_one_adapter_per_layer(all_pairs)
+    check_one_adapter_per_layer(all_pairs)
     if not all_pairs and require_lora:
         hint = (
             "pass a PEFT model (peft.get_peft_model) or param groups with 'lora_pairs'"
@@ -272,7 +244,7 @@ class _LoRAProBase(Optimizer):
             if model is not None:
                 # a new adapter on a layer whose adapter this optimizer already trains would be double-counted
                 trained = {id(p) for g in [*self.param_groups, *groups] for p in g["params"]}
-                _check_one_adapter_per_layer([pair for pair in lora_pairs(model) if id(pair.A) in trained])
+                check_one_adapter_per_layer([pair for pair in lora_pairs(model) if id(pair.A) in trained])
             for g in groups:
                 super().add_param_group(g)
             return
