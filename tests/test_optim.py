@@ -10,21 +10,12 @@ peft = pytest.importorskip("peft")
 
 from lorapro import LoRAProAdamW, LoRAProSGD, lora_pairs  # noqa: E402
 from lorapro import reference as R  # noqa: E402
-from toy_lora import backward, batches, peft_toy  # noqa: E402
+from toy_lora import MLP, backward, batches, peft_toy  # noqa: E402
 
 f64 = torch.float64
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up = nn.Linear(6, 10)
-        self.mid = nn.Linear(10, 10)
-        self.down = nn.Linear(10, 6)
-        self.head = nn.Linear(6, 3)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.down(torch.tanh(self.mid(torch.tanh(self.up(x)))))))
+Net = MLP
 
 
 def make_model(dtype=f64, seed=0, zero_B=False, **lora_kwargs):
@@ -313,12 +304,6 @@ def test_error_sparse_gradients():
     p.A.grad = p.A.grad.to_sparse()
     with pytest.raises(TypeError, match="sparse"):
         opt.step()
-
-
-def test_error_closure():
-    model = make_model()
-    with pytest.raises(TypeError, match="closure"):
-        LoRAProAdamW(model).step(lambda: 0.0)
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,20 @@ from torch import nn
 from lorapro import lora_pairs
 
 
+class MLP(nn.Module):
+    """6 → 10 → 10 → 6 with tanh, and a 3-class head: the layers ``up``, ``mid``, ``down`` take LoRA."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(6, 10)
+        self.mid = nn.Linear(10, 10)
+        self.down = nn.Linear(10, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.down(torch.tanh(self.mid(torch.tanh(self.up(x)))))))
+
+
 def peft_toy(net: nn.Module, target_modules, dtype=torch.float64, seed=0, zero_B=False, **lora_kwargs):
     """``net`` (built after seeding with ``seed``) wrapped by PEFT LoRA r = 2, α = 4 on ``target_modules`` with
     ``modules_to_save=["head"]``; B is made non-zero (N(0, 0.3²)) unless ``zero_B`` so every term of the math is

@@ -147,14 +147,14 @@ def _cos_and_rel(approx: torch.Tensor, G: torch.Tensor) -> Tuple[float, float, f
     return cos, rel, dot, aa, diff
 
 
-def measure_alignment(model: nn.Module, batch: Any, loss_fn: Optional[LossFn] = None, *, delta: float = 1e-8) -> AlignmentReport:
+def measure_alignment(model: nn.Module, batch: Any, loss_fn: Optional[LossFn] = None, *, delta: float = 1e-6) -> AlignmentReport:
     """Measure, per LoRA layer, how well LoRA-Pro's and plain LoRA's update directions match full fine-tuning.
 
     Args:
         model: a PEFT (or PEFT-style) LoRA model.
         batch: one batch; passed to ``loss_fn`` (default: ``model(**batch).loss``).
         loss_fn: ``loss_fn(model, batch) -> scalar loss``.
-        delta: the ridge of the Gram matrices, as in the optimizer.
+        delta: the relative cut-off of the Gram pseudo-inverses, as in the optimizer.
 
     Returns:
         :class:`AlignmentReport` (see :func:`format_alignment_table` to print it).

@@ -223,6 +223,9 @@ class StateSharding:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self._version = 0  # bumped by every step / load: a consolidated state dict is valid for one version
+        # True while no rank holds LoRA-Pro state (no step yet, or only state without pairs loaded): then every
+        # rank's local state is the complete one
+        self._no_pair_state = True
         # (version, consolidated state or None on the other ranks, rank it was gathered to)
         self._consolidated: Optional[Tuple[int, Optional[Dict[int, Dict[str, Any]]], int]] = None
         self._signature: Tuple[int, ...] = ()
@@ -299,6 +302,7 @@ class StateSharding:
         """Every owner broadcasts its (updated) factors; the other ranks copy them in. Collective."""
         self._version += 1
         self._consolidated = None
+        self._no_pair_state = False
         if self.world_size == 1:
             return
         pending = []
@@ -320,9 +324,12 @@ class StateSharding:
         """Whether ``load_state_dict`` keeps the saved state of ``p`` on this rank."""
         return self.owns(p)
 
-    def loaded(self) -> None:
+    def loaded(self, with_pair_state: bool) -> None:
+        """Called by ``load_state_dict``: a consolidation taken before is stale now, and unless the loaded state
+        held no pair's state, each rank holds only part of it until the next consolidation."""
         self._version += 1
         self._consolidated = None
+        self._no_pair_state = not with_pair_state
 
     def _index_owners(self, optimizer: torch.optim.Optimizer) -> Dict[int, int]:
         """State-dict index -> owner rank for every LoRA factor (same numbering as Optimizer.state_dict)."""
@@ -383,9 +390,9 @@ class StateSharding:
 
     def state_dict(self, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
         """The consolidated, world-size-independent state dict (after :meth:`consolidate` on this rank)."""
-        if self.world_size == 1 or self._version == 0:
-            # one process, or no step / load yet (every rank's state is empty): the local state is complete
-            # (accelerate's prepare() round-trips state_dict -> load_state_dict at this point)
+        if self.world_size == 1 or self._no_pair_state:
+            # one process, or no rank holds any pair's state (no step yet, nothing loaded but empty state): the local
+            # state is complete (accelerate's prepare() round-trips state_dict -> load_state_dict at this point)
             return torch.optim.Optimizer.state_dict(optimizer)
         if self._consolidated is None or self._consolidated[0] != self._version:
             raise RuntimeError(

@@ -20,15 +20,22 @@ projection of ``G`` onto ``{B·Y + Z·A}``. ``g̃`` does not depend on the r × 
 
 Implementation choices (all tested against :mod:`lorapro.reference`):
 
-- Every Gram matrix is ridged, ``BᵀB + δI`` and ``AAᵀ + δI`` (δ = 1e-8 by default, as the authors), so the
-  PEFT initialisation ``B = 0`` is well defined (then ĝ_A = 0 and g̃ = G·P_A).
+- The Gram matrices are inverted as pseudo-inverses with a cut-off *relative* to their largest eigenvalue:
+  eigenvalues ``λ ≤ δ·λ_max`` (δ = 1e-6 by default) count as zero, as in ``torch.linalg.pinv(..., rtol=δ)``.
+  ``P_B = B(BᵀB)⁺Bᵀ`` then stays an orthogonal projector (onto the kept directions of range(B)), the PEFT
+  initialisation ``B = 0`` is exact (``(BᵀB)⁺ = 0``, so ĝ_A = 0 and g̃ = G·P_A), and the result does not depend
+  on the scale of B or A. A fixed ridge ``BᵀB + δI`` (the authors') does neither: when BᵀB or AAᵀ is (near)
+  singular — r > min(m, n), or B after a first batch whose G has rank < r — it divides the float32 rounding of
+  the gradient's null-space part (about 1e-7·‖G‖) by δ, and float32 and float64 runs from the same start then
+  differed by 2–11 % after one step; and right after B = 0 (BᵀB ≈ lr², comparable to δ) it distorts the projection
+  itself. With the relative cut-off the amplification of rounding is bounded by 1/√δ (≈ 1e3).
 - Precision. All r × r algebra runs in float64 (or ``compute_dtype`` when given). The products with
   factor-sized operands that are not Gram matrices (Bᵀg_B, g_A·Aᵀ and the products that build ĝ) run in the
   *work dtype* of the factors (float32 for float32 / bf16 parameters): they lose cond(B)·ε₃₂ of the result's size,
   the precision the result is stored in anyway. The Gram matrices BᵀB, AAᵀ are inverted, which loses accuracy like
   cond(B)²·ε₃₂ if they are formed in float32 (normal equations). So by default (:func:`gram_inverses_for` with
   ``compute_dtype=None``) they are formed in float32 — in the same product as the cross terms — and re-formed in
-  float64 for the layers whose ridged condition number exceeds :data:`GRAM_FP32_MAX_COND` (on accelerators always
+  float64 for the layers whose Gram condition number exceeds :data:`GRAM_FP32_MAX_COND` (on accelerators always
   in float64). ``compute_dtype=torch.float64`` forms every Gram matrix in float64, ``torch.float32`` none.
 - Factor-sized operands are *packed*: ``AG = [A; g_A]`` (2r × n) and ``BG = [B, g_B]`` (m × 2r), so
   ``ĝ_A = [X, K_B]·AG`` and ``ĝ_B = BG·[−(M·K_A + X); K_A]`` are one matrix product each, and one product per
@@ -94,12 +101,13 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @dataclass
 class GramInverses:
-    """Ridged Gram matrices of a batch of pairs and what is derived from them.
+    """Gram matrices of a batch of pairs and their pseudo-inverses.
 
     ``A`` (L × r × n) and ``B`` (L × m × r) are the factors in the work dtype (often views into packed buffers).
-    ``BtB = BᵀB`` (L × r × r, not ridged); the ridged ``BᵀB + δI = U_B diag(lam_B) U_Bᵀ``; likewise for
-    ``AAt = AAᵀ``. ``BtB_inv``, ``AAt_inv`` are the ridged inverses built from those eigendecompositions. Every
-    r × r tensor is in the compute dtype.
+    ``BtB = BᵀB`` (L × r × r, as formed); ``BᵀB = U_B diag(λ) U_Bᵀ`` and ``lam_B`` is λ with the eigenvalues at or
+    below the cut-off (``δ·λ_max``) set to exactly 0 — the spectrum of the truncated Gram matrix; likewise for
+    ``AAt = AAᵀ``. ``BtB_inv``, ``AAt_inv`` are the pseudo-inverses ``U diag(1/λ kept, 0 cut) Uᵀ``. Every r × r
+    tensor is in the compute dtype.
     """
 
     A: Tensor
@@ -148,17 +156,24 @@ def cross_terms(AG: Tensor, BG: Tensor, compute_dtype: torch.dtype) -> Tuple[Ten
     return gA_At.to(compute_dtype), Bt_gB.to(compute_dtype)
 
 
-def _ridged_eigh(gram: Tensor, delta: float) -> Tuple[Tensor, Tensor]:
-    # The Gram matrix is PSD; round-off can make tiny eigenvalues slightly negative, so clamp before the ridge.
+def _truncated_eigh(gram: Tensor, rtol: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Eigendecomposition of a PSD Gram matrix with a relative cut-off: (kept eigenvalues, their inverses, U),
+    where the eigenvalues ``λ ≤ rtol·λ_max`` and their inverses are exactly 0 (so an all-zero Gram matrix has a
+    zero pseudo-inverse)."""
     lam, U = torch.linalg.eigh(gram)
-    return lam.clamp_min(0.0) + delta, U
+    lam = lam.clamp_min(0.0)  # PSD: round-off can make tiny eigenvalues slightly negative
+    keep = lam > rtol * lam[..., -1:]  # eigh sorts ascending
+    lam = torch.where(keep, lam, torch.zeros_like(lam))
+    inv = torch.where(keep, 1.0 / torch.where(keep, lam, torch.ones_like(lam)), torch.zeros_like(lam))
+    return lam, inv, U
 
 
 def gram_inverses(
     A: Tensor, B: Tensor, delta: float, compute_dtype: torch.dtype, *,
     AAt: Optional[Tensor] = None, BtB: Optional[Tensor] = None,
 ) -> GramInverses:
-    """Eigendecompose the ridged Gram matrices of a batch of pairs: A (L, r, n), B (L, m, r).
+    """Eigendecompose the Gram matrices of a batch of pairs, A (L, r, n), B (L, m, r), and form their
+    pseudo-inverses with the relative cut-off ``delta`` (eigenvalues ``≤ delta·λ_max`` count as zero).
 
     ``AAt``, ``BtB``: the Gram matrices if already computed (e.g. by :func:`packed_gram_inverses`), in the compute dtype.
     """
@@ -168,10 +183,10 @@ def gram_inverses(
         AAt = _gram_rows(A, compute_dtype)
     if BtB is None:
         BtB = _gram_rows(B.transpose(-1, -2), compute_dtype)
-    lam_B, U_B = _ridged_eigh(BtB, delta)
-    lam_A, U_A = _ridged_eigh(AAt, delta)
-    BtB_inv = (U_B / lam_B.unsqueeze(-2)) @ U_B.transpose(-1, -2)
-    AAt_inv = (U_A / lam_A.unsqueeze(-2)) @ U_A.transpose(-1, -2)
+    lam_B, inv_B, U_B = _truncated_eigh(BtB, delta)
+    lam_A, inv_A, U_A = _truncated_eigh(AAt, delta)
+    BtB_inv = (U_B * inv_B.unsqueeze(-2)) @ U_B.transpose(-1, -2)
+    AAt_inv = (U_A * inv_A.unsqueeze(-2)) @ U_A.transpose(-1, -2)
     return GramInverses(
         A=A, B=B, BtB=BtB, AAt=AAt, U_B=U_B, lam_B=lam_B, U_A=U_A, lam_A=lam_A,
         BtB_inv=BtB_inv, AAt_inv=AAt_inv,
@@ -179,15 +194,17 @@ def gram_inverses(
 
 
 # With compute_dtype=None (the optimizers' default) on CPU, the Gram matrices of float32 factors are formed in
-# float32 and re-formed in float64 for the layers where the ridged condition number of either Gram matrix exceeds
-# this. A float32 Gram matrix has an error of about ε₃₂·λ_max, so the error it causes in (ĝ_A, ĝ_B) grows like
+# float32 and re-formed in float64 for the layers where the condition number of either Gram matrix exceeds this
+# (a singular one, with eigenvalues cut, counts as infinitely ill-conditioned: which eigenvalues fall under the cut
+# must not be decided by float32 rounding). A float32 Gram matrix has an error of about ε₃₂·λ_max, so the error it causes in (ĝ_A, ĝ_B) grows like
 # ε₃₂·cond: measured on SmolLM2-135M LoRA layers after 12 LoRA-Pro steps, ≤ 3e-5 relative for cond < 1e3
 # (float64 Gram matrices: ≤ 3.4e-6, the float32 rounding of the result itself); 1.1e-4 above 1e3.
 GRAM_FP32_MAX_COND = 1e3
 
 
 def _cond(lam: Tensor) -> Tensor:
-    """Condition number of ridged Gram matrices from their ascending eigenvalues (L, r) -> (L,)."""
+    """Condition number of Gram matrices from their ascending kept eigenvalues (L, r) -> (L,): inf where an
+    eigenvalue was cut, nan where all were (B = 0, which needs no refinement: its pseudo-inverse is exactly 0)."""
     return lam[..., -1] / lam[..., 0]
 
 
@@ -201,7 +218,7 @@ def gram_inverses_for(
     ``compute_dtype`` float64 or float32: Gram matrices and r × r algebra in that dtype (formed again from the
     factors when that is not their dtype). ``None`` (automatic): r × r algebra in float64; the given Gram matrices
     are used, except where that is not accurate enough — on accelerators (float64 Gram matrices there, which cost
-    little and need no host synchronisation) and, on CPU, for the layers whose ridged Gram condition number
+    little and need no host synchronisation) and, on CPU, for the layers whose Gram condition number
     exceeds ``max_cond_fp32`` (:data:`GRAM_FP32_MAX_COND`; :func:`refine_ill_conditioned`). With float64 factors
     everything is float64.
     """
@@ -238,7 +255,7 @@ def packed_gram_inverses(
 
 
 def refine_ill_conditioned(grams: GramInverses, delta: float, max_cond: float = GRAM_FP32_MAX_COND) -> GramInverses:
-    """Re-form in float64 the Gram matrices of the layers whose ridged condition number (either side) exceeds
+    """Re-form in float64 the Gram matrices of the layers whose condition number (either side) exceeds
     ``max_cond``, from the factors ``grams.A``, ``grams.B``; ``grams`` itself when no layer does."""
     bad = torch.maximum(_cond(grams.lam_A), _cond(grams.lam_B)) > max_cond
     if not bool(bad.any()):
@@ -278,7 +295,10 @@ def solve_x(grams: GramInverses, gA_At: Tensor, K_B: Tensor, K_A: Tensor, M: Ten
         # matrices the equation is diagonal: (λ_i + μ_j) X̃_ij = C̃_ij.
         C = -(K_B @ gA_At)
         C_t = grams.U_B.transpose(-1, -2) @ C @ grams.U_A
-        X_t = C_t / (grams.lam_B.unsqueeze(-1) + grams.lam_A.unsqueeze(-2))
+        # Where both eigenvalues were cut the equation reads 0 = C̃_ij = 0 (C's rows in B's cut directions vanish):
+        # X̃_ij = 0 there, the minimum-norm solution.
+        den = grams.lam_B.unsqueeze(-1) + grams.lam_A.unsqueeze(-2)
+        X_t = torch.where(den > 0, C_t / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
         return grams.U_B @ X_t @ grams.U_A.transpose(-1, -2)
     if x_solution == "symmetric":
         # argmin_X ‖E + 2·B X A‖ with E = B ĝ_A⁰ − ĝ_B⁰ A  ⇒  X = −½ (BᵀB)⁻¹ (Bᵀ E Aᵀ) (AAᵀ)⁻¹,

@@ -12,7 +12,10 @@ Optimized?", ICLR 2025, arXiv 2407.18242.
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
+import weakref
 from collections import defaultdict
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -23,7 +26,7 @@ from torch.optim import Optimizer
 from . import factored as FF
 from . import distributed as _dist
 from . import functional as F
-from .pairing import LoRAPair, check_pair, lora_pairs
+from .pairing import LoRAPair, check_one_adapter_per_layer, check_pair, check_trainable_halves, lora_pairs
 
 __all__ = ["LoRAProAdamW", "LoRAProSGD", "build_param_groups", "MODES"]
 
@@ -63,7 +66,8 @@ def _lora_group(pairs: Sequence[LoRAPair], options: Dict[str, Any]) -> Dict[str,
     }
 
 
-def build_param_groups(params: ParamsT, model: Optional[nn.Module] = None) -> List[Dict[str, Any]]:
+def build_param_groups(params: ParamsT, model: Optional[nn.Module] = None, *, require_lora: bool = True
+                       ) -> List[Dict[str, Any]]:
     """Turn what the user passed into param groups in which LoRA pairs are explicit.
 
     Accepted forms:
@@ -78,7 +82,10 @@ def build_param_groups(params: ParamsT, model: Optional[nn.Module] = None) -> Li
       pair is a :class:`LoRAPair`, a tuple ``(A, B, scaling)`` or a dict with keys ``A``, ``B``, ``scaling``.
 
     A LoRA group stores ``params = [A0, B0, A1, B1, ...]`` with ``scalings`` and ``pair_names``; it is built from
-    named pairs, never from the order of a flat list the user passed.
+    named pairs, never from the order of a flat list the user passed. ``require_lora=False`` accepts groups
+    without LoRA pairs (for :meth:`~torch.optim.Optimizer.add_param_group`).
+
+    Refused: a pair with exactly one trainable half, and several trainable adapters on one layer.
     """
     if model is not None:
         model = _dist.unwrap_model(model)  # DDP / DeepSpeed engine -> the model; FSDP is refused
@@ -104,7 +111,7 @@ def build_param_groups(params: ParamsT, model: Optional[nn.Module] = None) -> Li
             by_factor[id(pair.B)] = (pair, "B")
 
     out: List[Dict[str, Any]] = []
-    n_pairs = 0
+    all_pairs: List[LoRAPair] = []
     for gi, group in enumerate(groups_in):
         explicit = group.pop("lora_pairs", None)
         plain_in = group.pop("params", [])
@@ -113,6 +120,8 @@ def build_param_groups(params: ParamsT, model: Optional[nn.Module] = None) -> Li
         pairs: List[LoRAPair] = []
         if explicit is not None:
             pairs = [_as_pair(item, f"param group {gi}, pair {j}") for j, item in enumerate(explicit)]
+            for pair in pairs:
+                check_trainable_halves(pair.A, pair.B, pair.name)
         plain: List[torch.Tensor] = []
         seen: Dict[int, LoRAPair] = {}
         for p in plain_in:
@@ -131,10 +140,11 @@ def build_param_groups(params: ParamsT, model: Optional[nn.Module] = None) -> Li
             pairs.append(pair)
         if pairs:
             out.append(_lora_group(pairs, options))
-            n_pairs += len(pairs)
+            all_pairs += pairs
         if plain:
             out.append({**options, "params": plain, "lora": False})
-    if n_pairs == 0:
+    check_one_adapter_per_layer(all_pairs)
+    if not all_pairs and require_lora:
         hint = (
             "pass a PEFT model (peft.get_peft_model) or param groups with 'lora_pairs'"
             if model is None
@@ -200,6 +210,10 @@ class _LoRAProBase(Optimizer):
         self.compute_dtype = compute_dtype
         self._rr_dtype = compute_dtype or torch.float64  # dtype of the r × r algebra
         self.state_dtype = state_dtype
+        # the model whose LoRA layers pair the factors of groups added later (add_param_group); weak, so the
+        # optimizer does not keep a model alive, and not state (not saved)
+        known = params if isinstance(params, nn.Module) else model
+        self._model_ref = weakref.ref(_dist.unwrap_model(known)) if known is not None else None
         super().__init__(build_param_groups(params, model), defaults)
         _dist.check_params_supported(self.param_groups)
         # shard_state=True: each rank keeps the state of the LoRA pairs it owns (lorapro.distributed)
@@ -221,9 +235,17 @@ class _LoRAProBase(Optimizer):
     # -- Optimizer API -------------------------------------------------------------------------------------------
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Add a param group after construction (e.g. by a framework), split like the constructor splits: LoRA
+        factors among ``params`` are paired through the model the optimizer was built with (its current
+        ``lora_pairs``), or name them with the ``{"lora_pairs": [(A, B, scaling), ...]}`` form."""
         if "lora" not in param_group:
-            # a group added after construction (e.g. by a framework): split it like the constructor would
-            for g in build_param_groups([param_group]) if "lora_pairs" in param_group else [{**param_group, "lora": False}]:
+            model = self._model_ref() if getattr(self, "_model_ref", None) is not None else None
+            groups = build_param_groups([param_group], model, require_lora=False)
+            if model is not None:
+                # a new adapter on a layer whose adapter this optimizer already trains would be double-counted
+                trained = {id(p) for g in [*self.param_groups, *groups] for p in g["params"]}
+                check_one_adapter_per_layer([pair for pair in lora_pairs(model) if id(pair.A) in trained])
+            for g in groups:
                 super().add_param_group(g)
             return
         if param_group["lora"]:
@@ -235,13 +257,32 @@ class _LoRAProBase(Optimizer):
         super().add_param_group(param_group)
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> None:  # type: ignore[override]
-        """One optimizer step. Call ``loss.backward()`` first; closures are not supported."""
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
+        """One optimizer step on the current gradients; returns the closure's loss (None without a closure).
+
+        ``closure``: torch's optimizer contract — a callable that recomputes the loss, calls ``backward()`` and
+        returns the loss. It is evaluated once, under ``torch.enable_grad()``, before the step (PyTorch
+        Lightning's automatic optimization always passes one). Without it, call ``loss.backward()`` first.
+
+        Non-finite gradients: if any gradient holds an inf or NaN, the whole step is skipped with a
+        ``RuntimeWarning`` naming the parameter — no parameter, moment or step count changes — as
+        ``torch.amp.GradScaler`` skips such steps (which it does before this method is called).
+        """
+        loss = None
         if closure is not None:
-            raise TypeError(
-                f"{type(self).__name__}.step() does not take a closure (LoRA-Pro is not a line-search method): "
-                "call loss.backward() and then optimizer.step()."
+            with torch.enable_grad():
+                loss = closure()
+        self._check_pair_grads()
+        bad = self._nonfinite_grad()
+        if bad is not None:
+            warnings.warn(
+                f"{type(self).__name__}.step(): the gradient of {bad} has inf or NaN entries; the step was skipped "
+                "(parameters and optimizer state unchanged). Lower the learning rate, clip gradients, or use "
+                "torch.amp.GradScaler with fp16.",
+                RuntimeWarning,
+                stacklevel=2,
             )
+            return loss
         if self._sharding is not None:
             self._sharding.ensure_current(self)
         for group in self.param_groups:
@@ -256,6 +297,47 @@ class _LoRAProBase(Optimizer):
                 self._step_plain_group(group)
         if self._sharding is not None:
             self._sharding.synchronize()  # owners broadcast their updated factors
+        return loss
+
+    def _check_pair_grads(self) -> None:
+        """Refuse a pair with exactly one gradient (a half frozen or detached after construction), before any
+        state changes: stepping it as if the missing gradient were zero would silently move both factors."""
+        for group in self.param_groups:
+            if not group.get("lora"):
+                continue
+            params = group["params"]
+            for j, name in enumerate(group["pair_names"]):
+                A, B = params[2 * j], params[2 * j + 1]
+                if (A.grad is None) != (B.grad is None):
+                    missing = "A" if A.grad is None else "B"
+                    raise RuntimeError(
+                        f"{name}: {missing} has no gradient but its partner has one (requires_grad="
+                        f"{(A if missing == 'A' else B).requires_grad}). LoRA-Pro needs the gradients of both A and "
+                        "B; train both halves of a pair or freeze both (then the pair is skipped)."
+                    )
+
+    def _nonfinite_grad(self) -> Optional[str]:
+        """The name of a parameter whose gradient has an inf or NaN entry, or None. One read of the gradients
+        (their max-norms) and one host synchronisation per device."""
+        grads: List[torch.Tensor] = []
+        names: List[Tuple[int, int]] = []
+        for gi, group in enumerate(self.param_groups):
+            for k, p in enumerate(group["params"]):
+                if p.grad is not None and not p.grad.is_sparse:  # sparse gradients are refused by the step
+                    grads.append(p.grad)
+                    names.append((gi, k))
+        by_device: Dict[torch.device, List[int]] = defaultdict(list)
+        for i, g in enumerate(grads):
+            by_device[g.device].append(i)
+        for idx in by_device.values():
+            norms = torch._foreach_norm([grads[i] for i in idx], math.inf)
+            finite = torch.stack([n.float() for n in norms]).isfinite()
+            if not bool(finite.all()):
+                gi, k = names[idx[int((~finite).nonzero()[0])]]
+                group = self.param_groups[gi]
+                if group.get("lora"):
+                    return f"{group['pair_names'][k // 2]}.{'AB'[k % 2]}"
+                return f"param group {gi}, parameter {k} (shape {tuple(group['params'][k].shape)})"
         return None
 
     def state_dict(self) -> Dict[str, Any]:
@@ -293,8 +375,24 @@ class _LoRAProBase(Optimizer):
                     )
             if len(old["params"]) != len(new["params"]):
                 raise ValueError(f"Param group {i}: checkpoint has {len(old['params'])} tensors, model {len(new['params'])}.")
+            changed = [f"{name}: checkpoint {a!r}, model {b!r}"
+                       for name, a, b in zip(new.get("pair_names", []), old.get("scalings", []), new.get("scalings", []))
+                       if not math.isclose(float(a), float(b), rel_tol=1e-12)]
+            if changed:
+                raise ValueError(
+                    f"Param group {i}: the LoRA scales (lora_alpha / r) changed since the checkpoint was saved ("
+                    + "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
+                    + "). Resume with the LoRA configuration the checkpoint was trained with; to train on with new "
+                    "scales on purpose, start a fresh optimizer instead of loading this state."
+                )
         saved_state = state_dict["state"]
+        pair_names = [g.get("pair_names") for g in self.param_groups]
         super().load_state_dict({"state": {}, "param_groups": saved_groups})
+        for g, names in zip(self.param_groups, pair_names):  # the model's names, not the checkpoint's
+            if names is not None:
+                g["pair_names"] = names
+        if self._sharding is not None:
+            self._sharding.ensure_current(self)  # owners of groups added since the last step
         id_to_param = {
             pid: p
             for old, new in zip(saved_groups, self.param_groups)
@@ -308,11 +406,13 @@ class _LoRAProBase(Optimizer):
                 k: (v.detach().to(device=p.device if k != "step" else v.device).clone() if torch.is_tensor(v) else v)
                 for k, v in st.items()
             }
+        if self._sharding is not None:  # each rank now holds only its own pairs' part of the loaded state
+            self._sharding.loaded(any(id(id_to_param[pid]) in self._sharding.owner_of for pid in saved_state))
 
     # -- helpers for subclasses ----------------------------------------------------------------------------------
 
     def _pairs_with_grad(self, group: Dict[str, Any]) -> List[Tuple[int, torch.Tensor, torch.Tensor, float]]:
-        """(index, A, B, s) for each pair with a gradient on A or B (a missing half counts as zero)."""
+        """(index, A, B, s) for each pair with gradients (:meth:`_check_pair_grads` refused pairs with one)."""
         params = group["params"]
         out = []
         for j, s in enumerate(group["scalings"]):
@@ -503,7 +603,10 @@ class LoRAProAdamW(_LoRAProBase):
         weight_decay: decoupled weight decay λ (applied to A and B, as AdamW applies it to parameters).
         mode: ``"full"``, ``"efficient"`` or ``"factored"``.
         x_solution: ``"sylvester"`` (default), ``"zero"`` or ``"symmetric"`` — the free r × r matrix X.
-        delta: ridge δ added to the Gram matrices BᵀB and AAᵀ before inverting.
+        delta: relative cut-off of the pseudo-inverses of the Gram matrices BᵀB and AAᵀ: eigenvalues
+            ``≤ δ·λ_max`` count as zero (``torch.linalg.pinv``'s ``rtol``), so B = 0 (PEFT's initialisation) gives
+            ĝ_A = 0 and g̃ = G·P_A exactly, and a singular Gram matrix (r > min(m, n), a rank-deficient first
+            batch) does not amplify float32 rounding (see :mod:`lorapro.functional`).
         model: with ``params`` given as tensors/groups, the model whose LoRA layers say which tensors pair up.
         compute_dtype: precision of the LoRA-Pro algebra. ``None`` (default, automatic): r × r algebra in float64,
             products with factor-sized operands in the factors' work dtype (float32 for float32 / bf16 factors),
@@ -539,7 +642,7 @@ class LoRAProAdamW(_LoRAProBase):
         *,
         mode: str = "full",
         x_solution: str = "sylvester",
-        delta: float = 1e-8,
+        delta: float = 1e-6,
         model: Optional[nn.Module] = None,
         compute_dtype: Optional[torch.dtype] = None,
         state_dtype: Optional[torch.dtype] = None,
@@ -552,7 +655,7 @@ class LoRAProAdamW(_LoRAProBase):
         _check_range("beta parameter at index 0", betas[0], 0.0, 1.0)
         _check_range("beta parameter at index 1", betas[1], 0.0, 1.0)
         _check_range("weight_decay value", weight_decay, 0.0)
-        _check_range("delta (ridge)", delta, 0.0, low_open=True)
+        _check_range("delta (relative cut-off of the Gram eigenvalues)", delta, 0.0, 1.0, low_open=True)
         if mode not in MODES:
             raise ValueError(f"Invalid mode {mode!r}: choose one of {MODES}.")
         if x_solution not in F.X_SOLUTIONS:
@@ -775,7 +878,7 @@ class LoRAProSGD(_LoRAProBase):
         nesterov: bool = False,
         *,
         x_solution: str = "sylvester",
-        delta: float = 1e-8,
+        delta: float = 1e-6,
         model: Optional[nn.Module] = None,
         compute_dtype: Optional[torch.dtype] = None,
         state_dtype: Optional[torch.dtype] = None,
@@ -784,7 +887,7 @@ class LoRAProSGD(_LoRAProBase):
         _check_range("learning rate", lr, 0.0)
         _check_range("momentum value", momentum, 0.0)
         _check_range("weight_decay value", weight_decay, 0.0)
-        _check_range("delta (ridge)", delta, 0.0, low_open=True)
+        _check_range("delta (relative cut-off of the Gram eigenvalues)", delta, 0.0, 1.0, low_open=True)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening.")
         if x_solution not in F.X_SOLUTIONS:

@@ -12,8 +12,9 @@ This module depends on torch only. PEFT layers are recognised by their attribute
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -68,6 +69,34 @@ def check_pair(A: torch.Tensor, B: torch.Tensor, scaling: float, name: str = "Lo
         raise TypeError(f"{name}: sparse LoRA factors are not supported.")
 
 
+def check_trainable_halves(A: torch.Tensor, B: torch.Tensor, name: str = "LoRA pair") -> None:
+    """Refuse a pair with one frozen half: it would be stepped as if that half's gradient were zero."""
+    if A.requires_grad != B.requires_grad:
+        frozen = "A" if not A.requires_grad else "B"
+        raise ValueError(
+            f"{name}: {frozen} is frozen (requires_grad=False) but its partner is trainable. LoRA-Pro adjusts A "
+            "and B together (it needs both gradients); make both trainable (requires_grad_(True)) or freeze both."
+        )
+
+
+def check_one_adapter_per_layer(pairs: Sequence[LoRAPair]) -> None:
+    """Refuse two trainable adapters on one layer: each pair's step projects the layer's gradient G onto its own
+    subspace, and the steps add up (two identical adapters would move the layer exactly twice as far)."""
+    by_module: Dict[int, List[LoRAPair]] = defaultdict(list)
+    for pair in pairs:
+        if pair.module is not None:
+            by_module[id(pair.module)].append(pair)
+    for same in by_module.values():
+        if len(same) > 1:
+            names = ", ".join(p.name for p in same)
+            raise ValueError(
+                f"Several trainable LoRA adapters on one layer ({names}). LoRA-Pro projects the layer's full-weight "
+                "gradient onto each adapter's own subspace, so their steps would add up and the layer would move "
+                "too far. Train one adapter per layer at a time: freeze the others (requires_grad_(False), or "
+                "PEFT's model.set_adapter(name))."
+            )
+
+
 def _is_lora_layer(module: nn.Module) -> bool:
     return (
         isinstance(getattr(module, "lora_A", None), nn.ModuleDict)
@@ -93,7 +122,8 @@ def _unsupported_reason(module: nn.Module, adapter: str) -> Optional[str]:
 def lora_pairs(model: nn.Module, *, trainable_only: bool = True) -> List[LoRAPair]:
     """All LoRA (A, B, s) pairs of ``model``, in module order.
 
-    Works with PEFT ``LoraLayer`` modules (any adapter name, several adapters, ``rank_pattern`` /
+    Works with PEFT ``LoraLayer`` modules (any adapter name, several adapters — the optimizers train one per layer
+    at a time, see :func:`check_one_adapter_per_layer` — ``rank_pattern`` /
     ``alpha_pattern``, rsLoRA) and with any hand-written module that follows the same convention
     (``lora_A`` / ``lora_B`` ``ModuleDict`` of ``nn.Linear`` and a ``scaling`` dict).
 
@@ -126,12 +156,7 @@ def lora_pairs(model: nn.Module, *, trainable_only: bool = True) -> List[LoRAPai
             if trainable_only:
                 if not A.requires_grad and not B.requires_grad:
                     continue
-                if A.requires_grad != B.requires_grad:
-                    frozen = "A (lora_A)" if not A.requires_grad else "B (lora_B)"
-                    raise ValueError(
-                        f"{name}: {frozen} is frozen but its partner is trainable. LoRA-Pro adjusts A and B "
-                        "together; make both trainable (requires_grad_(True)) or freeze both."
-                    )
+                check_trainable_halves(A, B, name)
             reason = _unsupported_reason(module, adapter)
             if reason is not None:
                 raise ValueError(f"{name}: LoRA-Pro cannot optimise this adapter: {reason}.")

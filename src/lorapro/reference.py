@@ -3,8 +3,10 @@ r"""A plainly written float64 reference of LoRA-Pro — the specification the fa
 One layer at a time, explicit inverses, explicit m × m projector and a Kronecker-product Sylvester solve: slow
 and memory-hungry on purpose, so every line can be checked against the paper (arXiv 2407.18242, Sec. 2).
 
-Notation: ``W = W0 + s·B·A``, B (m × r), A (r × n), ``g_A = s·Bᵀ·G``, ``g_B = s·G·Aᵀ``. All Gram matrices are
-ridged: ``BᵀB + δI`` and ``AAᵀ + δI``.
+Notation: ``W = W0 + s·B·A``, B (m × r), A (r × n), ``g_A = s·Bᵀ·G``, ``g_B = s·G·Aᵀ``. The Gram matrices BᵀB and
+AAᵀ are inverted as pseudo-inverses with a relative cut-off δ (``torch.linalg.pinv(..., hermitian=True, rtol=δ)``:
+eigenvalues ``≤ δ·λ_max`` count as zero), and every formula uses the Gram matrices *truncated* the same way, so
+``B = 0`` gives ``(BᵀB)⁺ = 0`` exactly (see :mod:`lorapro.functional` for why not a fixed ridge).
 
 The optimizer steps below mirror :mod:`lorapro.optim` exactly (hyperparameters, bias correction, decoupled weight
 decay), on plain float64 tensors and a dict state.
@@ -19,18 +21,31 @@ import torch
 Tensor = torch.Tensor
 
 
-def ridged_inverses(A: Tensor, B: Tensor, delta: float) -> Tuple[Tensor, Tensor]:
-    """(BᵀB + δI)⁻¹ and (AAᵀ + δI)⁻¹."""
-    r = A.shape[0]
-    eye = torch.eye(r, dtype=A.dtype)
-    return torch.linalg.inv(B.T @ B + delta * eye), torch.linalg.inv(A @ A.T + delta * eye)
+DELTA = 1e-6  # the default relative cut-off of the optimizers
 
 
-def solve_sylvester(P: Tensor, Q: Tensor, C: Tensor) -> Tensor:
-    """Solve P·X + X·Q = C by vectorisation: (I ⊗ P + Qᵀ ⊗ I) vec(X) = vec(C) (column-major vec)."""
+def pseudo_inverses(A: Tensor, B: Tensor, delta: float) -> Tuple[Tensor, Tensor]:
+    """(BᵀB)⁺ and (AAᵀ)⁺, eigenvalues ``≤ delta·λ_max`` cut."""
+    return (torch.linalg.pinv(B.T @ B, hermitian=True, rtol=delta),
+            torch.linalg.pinv(A @ A.T, hermitian=True, rtol=delta))
+
+
+def truncated_grams(A: Tensor, B: Tensor, delta: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The Gram matrices with their cut eigenvalues removed, ``BᵀB·(BᵀB)⁺·BᵀB`` and ``AAᵀ·(AAᵀ)⁺·AAᵀ``, and the
+    projectors onto their kept eigenvectors, ``(BᵀB)⁺·BᵀB`` and ``(AAᵀ)⁺·AAᵀ``."""
+    BtB, AAt = B.T @ B, A @ A.T
+    BtB_inv, AAt_inv = pseudo_inverses(A, B, delta)
+    return BtB @ BtB_inv @ BtB, AAt @ AAt_inv @ AAt, BtB_inv @ BtB, AAt_inv @ AAt
+
+
+def solve_sylvester(P: Tensor, Q: Tensor, C: Tensor, null_P: Tensor, null_Q: Tensor) -> Tensor:
+    """The minimum-norm solution of P·X + X·Q = C, by vectorisation: (I ⊗ P + Qᵀ ⊗ I) vec(X) = vec(C) (column-major
+    vec), for PSD P, Q whose null spaces are projected on by ``null_P``, ``null_Q``. The system is singular on
+    {X = null_P·Y·null_Q}, where C must vanish; adding the projector onto that subspace (kron(null_Qᵀ, null_P))
+    makes it regular and sets X's component there to 0."""
     r = P.shape[0]
     eye = torch.eye(r, dtype=P.dtype)
-    K = torch.kron(eye, P) + torch.kron(Q.T.contiguous(), eye)
+    K = torch.kron(eye, P) + torch.kron(Q.T.contiguous(), eye) + torch.kron(null_Q.T.contiguous(), null_P)
     vec_c = C.T.reshape(-1)  # column-major
     vec_x = torch.linalg.solve(K, vec_c)
     return vec_x.reshape(r, r).T
@@ -39,14 +54,15 @@ def solve_sylvester(P: Tensor, Q: Tensor, C: Tensor) -> Tensor:
 def x_matrix(A: Tensor, B: Tensor, g_A: Tensor, g_B: Tensor, s: float, delta: float, x_solution: str) -> Tensor:
     """The r × r matrix X of the chosen solution."""
     r = A.shape[0]
-    BtB_inv, AAt_inv = ridged_inverses(A, B, delta)
+    BtB_inv, AAt_inv = pseudo_inverses(A, B, delta)
     if x_solution == "zero":
         return torch.zeros(r, r, dtype=A.dtype)
     if x_solution == "sylvester":
-        # (BᵀB + δI) X + X (AAᵀ + δI) = −(1/s²)(BᵀB + δI)⁻¹ g_A Aᵀ
+        # (BᵀB) X + X (AAᵀ) = −(1/s²)(BᵀB)⁺ g_A Aᵀ, with the truncated Gram matrices
         eye = torch.eye(r, dtype=A.dtype)
+        BtB_k, AAt_k, proj_B, proj_A = truncated_grams(A, B, delta)
         C = -(1.0 / s**2) * BtB_inv @ g_A @ A.T
-        return solve_sylvester(B.T @ B + delta * eye, A @ A.T + delta * eye, C)
+        return solve_sylvester(BtB_k, AAt_k, C, eye - proj_B, eye - proj_A)
     if x_solution == "symmetric":
         # minimise ‖B ĝ_A − ĝ_B A‖ over X. With the X = 0 parts: B ĝ_A − ĝ_B A = E + 2 B X A, E = B ĝ_A⁰ − ĝ_B⁰ A.
         # Normal equations: 2 (BᵀB) X (AAᵀ) = −Bᵀ E Aᵀ.
@@ -59,9 +75,9 @@ def x_matrix(A: Tensor, B: Tensor, g_A: Tensor, g_B: Tensor, s: float, delta: fl
 def adjusted_gradients(
     A: Tensor, B: Tensor, g_A: Tensor, g_B: Tensor, s: float, delta: float, x_solution: str
 ) -> Tuple[Tensor, Tensor]:
-    """ĝ_A = (1/s²)(BᵀB)⁻¹ g_A + X A,  ĝ_B = (1/s²)[I − B(BᵀB)⁻¹Bᵀ] g_B (AAᵀ)⁻¹ − B X."""
+    """ĝ_A = (1/s²)(BᵀB)⁺ g_A + X A,  ĝ_B = (1/s²)[I − B(BᵀB)⁺Bᵀ] g_B (AAᵀ)⁺ − B X."""
     m = B.shape[0]
-    BtB_inv, AAt_inv = ridged_inverses(A, B, delta)
+    BtB_inv, AAt_inv = pseudo_inverses(A, B, delta)
     P_B = B @ BtB_inv @ B.T  # m × m, formed explicitly here (never in the fast path)
     gA_hat = (1.0 / s**2) * BtB_inv @ g_A
     gB_hat = (1.0 / s**2) * (torch.eye(m, dtype=A.dtype) - P_B) @ g_B @ AAt_inv
@@ -89,7 +105,7 @@ def lora_equivalent_gradient(A: Tensor, B: Tensor, g_A: Tensor, g_B: Tensor, s: 
 def sgd_step(
     A: Tensor, B: Tensor, g_A: Tensor, g_B: Tensor, s: float, state: Dict[str, Tensor], *, lr: float,
     momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
-    delta: float = 1e-8, x_solution: str = "sylvester",
+    delta: float = DELTA, x_solution: str = "sylvester",
 ) -> Tuple[Tensor, Tensor]:
     """LoRA-Pro SGD: d = ĝ (or its momentum, torch.optim.SGD semantics); θ ← θ(1 − lr·wd) − lr·d."""
     hA, hB = adjusted_gradients(A, B, g_A, g_B, s, delta, x_solution)
@@ -111,7 +127,7 @@ def sgd_step(
 def adamw_full_step(
     A: Tensor, B: Tensor, g_A: Tensor, g_B: Tensor, s: float, state: Dict[str, Tensor], *, lr: float,
     betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-    delta: float = 1e-8, x_solution: str = "sylvester",
+    delta: float = DELTA, x_solution: str = "sylvester",
 ) -> Tuple[Tensor, Tensor]:
     """The paper's LoRA-Pro AdamW (Algorithm 1), with standard bias correction.
 
@@ -138,7 +154,7 @@ def adamw_full_step(
 def adamw_efficient_step(
     A: Tensor, B: Tensor, g_A: Tensor, g_B: Tensor, s: float, state: Dict[str, Tensor], *, lr: float,
     betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-    delta: float = 1e-8, x_solution: str = "sylvester",
+    delta: float = DELTA, x_solution: str = "sylvester",
 ) -> Tuple[Tensor, Tensor]:
     """The authors' memory-light variant: ordinary AdamW on (ĝ_A, ĝ_B), with factor-sized moments."""
     beta1, beta2 = betas
@@ -189,7 +205,7 @@ def truncate_rank(M: Tensor, k: int) -> Tensor:
 def adamw_factored_step(
     A: Tensor, B: Tensor, g_A: Tensor, g_B: Tensor, s: float, state: Dict[str, Tensor], *, lr: float,
     betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-    delta: float = 1e-8, x_solution: str = "sylvester", clip_threshold: float | None = 1.0,
+    delta: float = DELTA, x_solution: str = "sylvester", clip_threshold: float | None = 1.0,
     first_moment: str = "lowrank",
 ) -> Tuple[Tensor, Tensor]:
     """LoRA-Pro AdamW with a factored second moment (``mode="factored"``), written densely.

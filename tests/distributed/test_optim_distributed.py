@@ -117,12 +117,7 @@ def test_save_on_two_processes_resume_on_one(two_procs):
     out, _ = two_procs
     ck = torch.load(out / "ckpt_two.pt", weights_only=True)
     ref_sd = single_process("full", SAVE_AT)[1]
-    # the consolidated checkpoint has the unsharded format and content
-    assert ck["optim"]["state"].keys() == ref_sd["state"].keys()
-    for i, st in ref_sd["state"].items():
-        assert ck["optim"]["state"][i].keys() == st.keys()
-        for k in st:
-            torch.testing.assert_close(ck["optim"]["state"][i][k], st[k], **TOL)
+    assert_state_dicts_equal(ck["optim"], ref_sd, **TOL)  # the consolidated checkpoint: unsharded format and content
     model = make_model()
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -132,6 +127,36 @@ def test_save_on_two_processes_resume_on_one(two_procs):
     opt.load_state_dict(ck["optim"])
     train(model, opt, global_batches(STEPS), SAVE_AT, STEPS)
     assert_params_close(params_of(model), single_process("full")[0], **TOL)
+
+
+def assert_state_dicts_equal(got, want, **tol):
+    assert got["state"].keys() == want["state"].keys()
+    for i, st in want["state"].items():
+        assert got["state"][i].keys() == st.keys(), i
+        for k in st:
+            torch.testing.assert_close(got["state"][i][k], st[k], **tol, msg=lambda m: f"state {i}, {k}: {m}")
+
+
+@pytest.mark.distributed
+def test_sharded_load_then_state_dict_is_refused_until_consolidated_then_complete(two_procs):
+    out, meta = two_procs
+    for m in meta:  # not a partial state (3 of the 5 entries) on either rank
+        assert "consolidate_state_dict" in m["state_dict_after_load"], m["state_dict_after_load"]
+        # a consolidation of step 1 taken before loading the step-2 checkpoint is stale
+        assert "consolidate_state_dict" in m["state_dict_after_stale_consolidation"], m["state_dict_after_stale_consolidation"]
+    ck = torch.load(out / "ckpt_one.pt", weights_only=True)
+    reloaded = torch.load(out / "ckpt_reloaded.pt", weights_only=True)
+    assert len(ck["optim"]["state"]) == 5  # 4 LoRA pairs + the head
+    assert_state_dicts_equal(reloaded["optim"], ck["optim"], rtol=0, atol=0)  # loading moves, never changes
+
+
+@pytest.mark.distributed
+def test_sharded_load_step_save_matches_one_process(two_procs):
+    out, _ = two_procs
+    saved = torch.load(out / "ckpt_load_step_save.pt", weights_only=True)
+    params, sd = single_process("full", SAVE_AT + 1)
+    assert_params_close(saved["model"], params, **TOL)
+    assert_state_dicts_equal(saved["optim"], sd, **TOL)
 
 
 @pytest.mark.distributed

@@ -29,6 +29,27 @@ def main() -> None:
     def save(name, model):
         torch.save(params_of(model), os.path.join(out, f"{name}_rank{rank}.pt"))
 
+    def state_dict_or_error(opt):
+        try:
+            sd = opt.state_dict()
+        except RuntimeError as e:
+            return str(e)
+        return f"returned {len(sd['state'])} state entries, steps {sorted(float(st['step']) for st in sd['state'].values())}"
+
+    def save_consolidated(name, model, opt):
+        opt.consolidate_state_dict(to=0)
+        if rank == 0:
+            torch.save({"model": params_of(model), "optim": opt.state_dict()}, os.path.join(out, f"{name}.pt"))
+        dist.barrier()
+
+    def resumed_model(ck):
+        model = make_model()
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in ck["model"]:
+                    p.copy_(ck["model"][n])
+        return DDP(model)
+
     # DDP, unsharded optimizer: gradients are averaged before the LoRA-Pro step
     for kind in ("full", "efficient"):
         model = DDP(make_model())
@@ -64,17 +85,32 @@ def main() -> None:
 
     # resume on 2 processes from a checkpoint written by 1 unsharded process
     ck = torch.load(ckpt_from_one, weights_only=True)
-    model = make_model()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n in ck["model"]:
-                p.copy_(ck["model"][n])
-    model = DDP(model)
+    model = resumed_model(ck)
     opt = make_opt("full", model, shard_state=True)
     opt.load_state_dict(ck["optim"])
     meta["bytes_after_load"] = optimizer_state_bytes(opt)
     train(model, opt, batches, SAVE_AT, STEPS, rank, world)
     save("resumed_from_one", model)
+
+    # load -> state_dict(): each rank holds only its pairs, so it must refuse until consolidated, then give back
+    # exactly the checkpoint; a consolidation taken before the load must not survive it
+    model = resumed_model(ck)
+    opt = make_opt("full", model, shard_state=True)
+    opt.load_state_dict(ck["optim"])
+    meta["state_dict_after_load"] = state_dict_or_error(opt)
+    save_consolidated("ckpt_reloaded", model, opt)
+    model = DDP(make_model())
+    opt = make_opt("full", model, shard_state=True)
+    train(model, opt, batches, 0, SAVE_AT - 1, rank, world)
+    opt.consolidate_state_dict(to=0)  # of step 1; the checkpoint loaded next is of step 2
+    opt.load_state_dict(ck["optim"])
+    meta["state_dict_after_stale_consolidation"] = state_dict_or_error(opt)
+    # load -> step -> save
+    model = resumed_model(ck)
+    opt = make_opt("full", model, shard_state=True)
+    opt.load_state_dict(ck["optim"])
+    train(model, opt, batches, SAVE_AT, SAVE_AT + 1, rank, world)
+    save_consolidated("ckpt_load_step_save", model, opt)
 
     # FSDP2 is refused with a clear error, whether given the model or its (DTensor) factors
     from torch.distributed.device_mesh import init_device_mesh
