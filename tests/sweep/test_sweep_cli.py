@@ -51,6 +51,16 @@ def quick_dir(tmp_path_factory):
     for k in kids:
         assert not Path(f"/proc/{k}").exists() or "zombie" in Path(f"/proc/{k}/status").read_text()
     assert not list(d.glob("runs/*/*/*/metrics.json"))
+    # kill (SIGTERM), e.g. a batch system's time limit, stops the runs the same way
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert "sweep: start train" in proc.stdout.readline()
+    time.sleep(1.0)
+    kids = children_of(proc.pid)
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    for k in kids:
+        assert not Path(f"/proc/{k}").exists() or "zombie" in Path(f"/proc/{k}/status").read_text()
     # 2. the same command again finishes the sweep
     r = run("--quick", "--dir", str(d), "--jobs", "2")
     assert r.returncode == 0, r.stdout + r.stderr

@@ -51,6 +51,19 @@ def _load(path: str) -> SweepConfig:
     return from_dict(SweepConfig, data)
 
 
+def _stop_on_signals() -> None:
+    """SIGTERM / SIGHUP (kill, a closed terminal, a batch system's time limit) and SIGINT — which a shell leaves
+    ignored for background jobs — stop the sweep like Ctrl-C: its runs are stopped and re-run next time, instead of
+    being left running without a parent."""
+    import signal
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, stop)
+
+
 def quick_config() -> SweepConfig:
     """The --quick sweep: built-in tiny Llama on the GSM8K slice shipped with the package; seconds per run."""
     from lorapro.demo import PROMPT_FORMAT, TEST_FILE, TRAIN_FILE
@@ -128,6 +141,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "sweep.yaml").write_text(yaml.safe_dump(_resolved_dict(cfg, base), sort_keys=False))
+        _stop_on_signals()
         run_sweep(sweep, jobs=args.jobs, threads=args.threads, retry_failed=args.retry_failed)
         path = write_report(sweep)
     except ConfigError as e:
