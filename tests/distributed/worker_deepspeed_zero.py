@@ -1,0 +1,151 @@
+"""Run under ``torchrun --nproc_per_node=2`` by test_deepspeed_zero.py: LoRA-Pro as DeepSpeed's client optimizer at
+ZeRO stage 1, 2 or 3.
+
+Usage: worker_deepspeed_zero.py OUT_DIR SUITE, SUITE "zero12" (stages 0-2) or "zero3". Writes
+<scenario>_rank<r>.pt (the full fp32 trainable parameters) and meta_rank<r>.json (state sizes, errors).
+"""
+
+import json
+import os
+import sys
+
+import deepspeed
+import deepspeed.ops
+import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_get_full_fp32_param
+from torch import nn
+
+from dist_toy import GLOBAL_BATCH, STEPS_DEFAULT as STEPS, global_batches, local_slice, make_model, make_opt
+
+from lorapro.distributed import optimizer_state_bytes
+from lorapro.integrations.deepspeed import DeepSpeedLoRAProAdamW, DeepSpeedLoRAProSGD, initialize
+
+SAVE_AT = 2
+CLIP = 0.05  # small enough that every step of the toy run is clipped
+
+
+def zero_opt(kind, model, cls=None):
+    """The ZeRO optimizer with the hyperparameters of the 1-process reference ``make_opt(kind, ...)``."""
+    ref = make_opt(kind, model)
+    if kind == "sgd":
+        keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
+        cls = cls or DeepSpeedLoRAProSGD
+    else:
+        keys = ("lr", "betas", "eps", "weight_decay", "mode")
+        cls = cls or DeepSpeedLoRAProAdamW
+    return cls(model, **{k: ref.defaults[k] for k in keys})
+
+
+def config(stage, gas=1, **extra):
+    world = dist.get_world_size()
+    cfg = {"train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world // gas,
+           "gradient_accumulation_steps": gas, "zero_optimization": {"stage": stage}}
+    for key, value in extra.items():
+        if key in ("offload_optimizer", "sub_group_size"):
+            cfg["zero_optimization"][key] = value
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def run(engine, start, stop, gas=1):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    batches = global_batches(STEPS)
+    dtype = next(engine.module.parameters()).dtype
+    for step in range(start, stop):
+        x, y = local_slice(batches[step], rank, world)
+        k = len(x) // gas
+        for micro in range(gas):  # engine.step() after every micro-batch; DeepSpeed steps at the boundary
+            xs, ys = x[micro * k:(micro + 1) * k], y[micro * k:(micro + 1) * k]
+            engine.backward(nn.functional.cross_entropy(engine(xs.to(dtype)).float(), ys))
+            engine.step()
+
+
+def full_params(engine):
+    out = {}
+    for n, p in engine.module.named_parameters():
+        if p.requires_grad:
+            full = safe_get_full_fp32_param(p)  # a collective at ZeRO >= 1; None at stage 0
+            out[n] = (full if full is not None else p.detach()).float().clone()
+    return out
+
+
+def main() -> None:
+    out, suite = sys.argv[1], sys.argv[2]
+    # On CPU, DeepSpeed compiles a shared-memory all-reduce extension on first use (minutes on 2 cores); the test
+    # needs only correctness, so let gloo do the all-reduce (CPU-only switch; irrelevant on GPUs).
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = dist.get_rank()
+    meta = {}
+
+    def train(name, kind, cfg, gas=1, opt_cls=None):
+        model = make_model()
+        opt = zero_opt(kind, model, opt_cls)
+        engine, *_ = initialize(model=model, optimizer=opt, config=cfg)
+        run(engine, 0, STEPS, gas)
+        torch.save(full_params(engine), os.path.join(out, f"{name}_rank{rank}.pt"))
+        meta[f"state_bytes_{name}"] = optimizer_state_bytes(opt)
+        meta[f"wrapper_{name}"] = type(engine.optimizer).__name__
+        return engine
+
+    def checkpoint(name, stage):
+        model = make_model()
+        engine, *_ = initialize(model=model, optimizer=zero_opt("full", model), config=config(stage))
+        run(engine, 0, SAVE_AT)
+        engine.save_checkpoint(os.path.join(out, f"ckpt_{name}"), tag="step2")
+        model = make_model(seed=123)  # different weights: the checkpoint must restore them
+        engine, *_ = initialize(model=model, optimizer=zero_opt("full", model), config=config(stage))
+        engine.load_checkpoint(os.path.join(out, f"ckpt_{name}"), tag="step2")
+        run(engine, SAVE_AT, STEPS)
+        torch.save(full_params(engine), os.path.join(out, f"{name}_rank{rank}.pt"))
+
+    if suite == "zero12":
+        for stage in (1, 2):
+            for kind in ("full", "efficient"):
+                train(f"z{stage}_{kind}", kind, config(stage))
+        train("z2_factored", "factored", config(2))
+        train("z2_sgd", "sgd", config(2))
+        train("z2_offload", "full", config(2, offload_optimizer={"device": "cpu"}))
+        train("z2_clip_accum", "full", config(2, gas=2, gradient_clipping=CLIP), gas=2)
+        # bf16 weights: stage 2 against stage 0 (LoRAProAdamW on DeepSpeed's per-parameter fp32 masters)
+        train("z2_bf16", "full", config(2, bf16={"enabled": True}))
+        train("z0_bf16", "full", config(0, bf16={"enabled": True}), opt_cls=lambda model, **kw: make_opt("full", model))
+        checkpoint("z2_resumed", 2)
+        # refused: a plain LoRAProAdamW at ZeRO >= 1, through our initialize and through deepspeed.initialize
+        model = make_model()
+        try:
+            initialize(model=model, optimizer=make_opt("full", model), config=config(2))
+            meta["plain_at_stage2"] = "accepted"
+        except TypeError as e:
+            meta["plain_at_stage2"] = str(e)
+        model = make_model()
+        engine, *_ = deepspeed.initialize(model=model, optimizer=make_opt("full", model),
+                                          config={**config(2), "zero_allow_untested_optimizer": True})
+        try:
+            run(engine, 0, 1)
+            meta["direct_stage2"] = "ran"
+        except RuntimeError as e:
+            meta["direct_stage2"] = str(e)
+    else:
+        for kind in ("full", "efficient"):
+            train(f"z3_{kind}", kind, config(3))
+        train("z3_offload", "efficient", config(3, offload_optimizer={"device": "cpu"}))
+        checkpoint("z3_resumed", 3)
+        model = make_model()  # a LoRA group over two sub-groups: refused at the first step
+        engine, *_ = initialize(model=model, optimizer=zero_opt("full", model), config=config(3, sub_group_size=100))
+        try:
+            run(engine, 0, 1)
+            meta["split_sub_groups"] = "ran"
+        except ValueError as e:
+            meta["split_sub_groups"] = str(e)
+
+    with open(os.path.join(out, f"meta_rank{rank}.json"), "w") as f:
+        json.dump(meta, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
