@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("deepspeed")
 
 from dist_launch import HERE, torchrun  # noqa: E402
-from dist_toy import STEPS_DEFAULT as STEPS, global_batches, local_slice, make_model, make_opt, params_of  # noqa: E402
+from dist_toy import STEPS_DEFAULT as STEPS, global_batches, make_model, make_opt, params_of  # noqa: E402
 
 from lorapro.distributed import optimizer_state_bytes  # noqa: E402
 
@@ -129,3 +129,29 @@ def test_what_cannot_work_is_refused_with_the_alternative(zero12, zero3):
         assert "flattened or partitioned" in m["direct_stage2"] and "DeepSpeedLoRAProAdamW" in m["direct_stage2"]
     for m in zero3[1]:
         assert "sub_group_size" in m["split_sub_groups"]
+
+
+def test_a_zero_checkpoint_refuses_another_world_size_and_shard_state_is_refused():
+    from lorapro.integrations.deepspeed import ZERO_STATE_KEY, DeepSpeedLoRAProAdamW
+
+    model = make_model()
+    opt = DeepSpeedLoRAProAdamW(model, lr=1e-2)
+    sd = opt.state_dict()
+    sd[ZERO_STATE_KEY] = {"world_size": 2, "pairs": {}}  # as written by each of 2 ranks
+    with pytest.raises(ValueError, match="saved by 2 data-parallel processes.*loaded by 1.*shard_state=True"):
+        opt.load_state_dict(sd)
+    with pytest.raises(ValueError, match="drop shard_state"):
+        DeepSpeedLoRAProAdamW(model, lr=1e-2, shard_state=True)
+
+
+def test_without_zero_it_is_the_lorapro_optimizer():
+    from lorapro.integrations.deepspeed import DeepSpeedLoRAProAdamW
+
+    want, _ = one_process("full")
+    model = make_model()
+    opt = DeepSpeedLoRAProAdamW(model, **{k: make_opt("full", model).defaults[k] for k in ("lr", "weight_decay")})
+    for x, y in global_batches(STEPS):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    close(params_of(model), want, rtol=0, atol=0)

@@ -15,7 +15,7 @@ from torch import nn
 
 from dist_toy import GLOBAL_BATCH, STEPS_DEFAULT as STEPS, global_batches, local_slice, make_model, make_opt, params_of
 
-from lorapro.integrations.deepspeed import check_deepspeed_config, initialize, save_checkpoint
+from lorapro.integrations.deepspeed import initialize, save_checkpoint
 
 SAVE_AT = 2
 
@@ -68,28 +68,6 @@ def main() -> None:
     engine.load_checkpoint(os.path.join(out, "ds_ckpt"), tag="step2")
     run(engine, SAVE_AT, STEPS, rank, world)
     save("ds_resumed", engine)
-
-    # ZeRO 1-3 and offload: refused by the config check, and detected at the first step if DeepSpeed is used directly
-    for stage in (1, 2, 3):
-        try:
-            check_deepspeed_config(config(stage))
-            meta[f"check_stage{stage}"] = "accepted"
-        except ValueError as e:
-            meta[f"check_stage{stage}"] = str(e)
-    offload = config(0)
-    offload["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
-    try:
-        check_deepspeed_config(offload)
-        meta["check_offload"] = "accepted"
-    except ValueError as e:
-        meta["check_offload"] = str(e)
-    model = make_model()
-    engine, *_ = deepspeed.initialize(model=model, optimizer=make_opt("full", model), config=config(2))
-    try:
-        run(engine, 0, 1, rank, world)
-        meta["direct_stage2"] = "ran"
-    except RuntimeError as e:
-        meta["direct_stage2"] = str(e)
 
     with open(os.path.join(out, f"meta_rank{rank}.json"), "w") as f:
         json.dump(meta, f)

@@ -100,6 +100,7 @@ __all__ = [
     "DeepSpeedLoRAProAdamW",
     "DeepSpeedLoRAProSGD",
     "check_deepspeed_config",
+    "load_deepspeed_config",
     "zero_stage",
     "initialize",
     "save_checkpoint",
@@ -115,7 +116,8 @@ ZERO_ALTERNATIVE = (
 ZERO_STATE_KEY = "lorapro_zero"  # marks a state dict written by the ZeRO path
 
 
-def _load_config(config: ConfigT) -> Dict[str, Any]:
+def load_deepspeed_config(config: ConfigT) -> Dict[str, Any]:
+    """A DeepSpeed config as a dict, from a dict or a JSON file path."""
     if isinstance(config, dict):
         return config
     path = Path(config)
@@ -126,7 +128,7 @@ def _load_config(config: ConfigT) -> Dict[str, Any]:
 
 def zero_stage(config: ConfigT) -> int:
     """The ZeRO stage of a DeepSpeed config (dict or JSON path); 0 without a ``zero_optimization`` section."""
-    stage = (_load_config(config).get("zero_optimization") or {}).get("stage", 0)
+    stage = (load_deepspeed_config(config).get("zero_optimization") or {}).get("stage", 0)
     try:
         return int(stage)
     except (TypeError, ValueError):
@@ -139,7 +141,7 @@ def check_deepspeed_config(config: ConfigT) -> Dict[str, Any]:
     Accepts a dict or a JSON file path. A config without ``zero_optimization`` is stage 0. See the module notes
     for what is refused and why.
     """
-    cfg = _load_config(config)
+    cfg = load_deepspeed_config(config)
     zero = cfg.get("zero_optimization") or {}
     stage = zero_stage(cfg)
     if stage not in (0, 1, 2, 3):
