@@ -105,14 +105,15 @@ def test_full_mode_state_per_rank_is_half(request, suite, name):
     assert sum(per_rank) == pytest.approx(single, rel=0.05)
 
 
-def test_bf16_stage2_steps_like_stage0(zero12):
+def test_bf16_stage2_steps_like_fp32(zero12):
     out, _ = zero12
-    z2, z0 = load(out, "z2_bf16", 0), load(out, "z0_bf16", 0)
+    got, (want, _) = load(out, "z2_bf16", 0), one_process("full")
     init = params_of(make_model())
-    for n in z0:  # bf16 forward/backward on both; fp32 masters on both; only the gradient reduction differs
-        got, ref = (z2[n] - init[n]).flatten(), (z0[n] - init[n]).flatten()
-        assert torch.nn.functional.cosine_similarity(got, ref, dim=0) > 0.99, n
-        assert 0.9 < got.norm() / ref.norm() < 1.1, n
+    for n in want:  # bf16 forward/backward and gradient reduction; the LoRA-Pro step on the fp32 masters
+        d, ref = (got[n] - init[n]).flatten(), (want[n] - init[n]).flatten()
+        assert torch.nn.functional.cosine_similarity(d, ref, dim=0) > 0.99, n  # measured ≥ 0.995
+        assert 0.97 < d.norm() / ref.norm() < 1.03, n  # measured 0.99-1.01
+    assert got.keys() == want.keys()
 
 
 @pytest.mark.parametrize("suite,name", [("zero12", "z2_resumed"), ("zero3", "z3_resumed")])
