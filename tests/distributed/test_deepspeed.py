@@ -20,7 +20,7 @@ pytestmark = pytest.mark.distributed
 @pytest.fixture(scope="module")
 def ds_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ds")
-    torchrun([HERE / "worker_deepspeed.py", out], timeout=400)
+    torchrun([HERE / "worker_deepspeed.py", out, "zero0"], timeout=400)
     return out, [json.loads((out / f"meta_rank{r}.json").read_text()) for r in range(2)]
 
 

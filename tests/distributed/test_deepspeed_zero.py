@@ -22,14 +22,14 @@ from dist_toy import STEPS_DEFAULT as STEPS, global_batches, make_model, make_op
 from lorapro.distributed import optimizer_state_bytes  # noqa: E402
 
 TOL = dict(rtol=2e-5, atol=2e-6)
-CLIP = 0.05  # as in the worker
+from worker_deepspeed import CLIP  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
 
 def launch(tmp_path_factory, suite):
     out = tmp_path_factory.mktemp(suite)
-    torchrun([HERE / "worker_deepspeed_zero.py", out, suite], timeout=500)
+    torchrun([HERE / "worker_deepspeed.py", out, suite], timeout=500)
     return out, [json.loads((out / f"meta_rank{r}.json").read_text()) for r in range(2)]
 
 
