@@ -156,3 +156,17 @@ def test_without_zero_it_is_the_lorapro_optimizer():
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
     close(params_of(model), want, rtol=0, atol=0)
+
+
+def test_an_unknown_deepspeed_partition_layout_is_a_clear_error():
+    from types import SimpleNamespace
+
+    from lorapro.integrations.deepspeed import _local_slices
+
+    flat = torch.zeros(8)
+    with pytest.raises(RuntimeError, match="partition layout.*neither _hp_mapping nor ds_id"):
+        _local_slices([torch.zeros(2, 2)], flat, 0)
+    factor = torch.zeros(2, 2)
+    factor._hp_mapping = SimpleNamespace(param_group_index=0)  # a release whose mapping lacks the fragment fields
+    with pytest.raises(RuntimeError, match="partition layout.*AttributeError.*ZeRO stage 0"):
+        _local_slices([factor], flat, 0)
