@@ -101,7 +101,9 @@ class TrainSection:
         None, help="continue a run: a checkpoint directory, or 'latest' for the newest one in output_dir/checkpoints"
     )
     dataloader_workers: int = field(0, help="DataLoader worker processes")
-    deepspeed: Optional[str] = field(None, help="path of a DeepSpeed JSON config (passed to the HF Trainer)")
+    deepspeed: Optional[str] = field(
+        None, help="path of a DeepSpeed JSON config (passed to the HF Trainer; ZeRO stage 0-3, no 'optimizer' section)"
+    )
 
 
 @dataclass
