@@ -1,5 +1,5 @@
 """``lorapro train ... train.deepspeed=<ZeRO-2 config>`` (bf16, gradient accumulation, clipping) under torchrun with
-2 gloo processes on CPU gives the losses of the DDP run with the same settings.
+2 gloo processes on CPU gives the losses of the DDP run with the same settings, and resumes from its checkpoints.
 
 Both runs compute in bf16 (DeepSpeed: bf16 weights; DDP: bf16 autocast over fp32 weights), so they agree to bf16
 rounding, not to float32: measured, the losses differ by ≤ 6e-4 relative over 4 steps (each step moves the loss by
@@ -38,6 +38,12 @@ def runs(tmp_path_factory):
         out[name] = tmp / name
         cfg = write_setup(tmp, out[name], train={**SETTINGS["train"], **extra}, optim=SETTINGS["optim"])
         torchrun([HERE / "run_cli.py", "train", cfg], timeout=400)
+    # resume the ZeRO-2 run from its step-2 checkpoint (DeepSpeed's per-rank files) on 2 processes
+    out["resumed"] = tmp / "resumed"
+    resume = {"resume_from_checkpoint": str(out["zero2"] / "checkpoints" / "checkpoint-2")}
+    cfg = write_setup(tmp, out["resumed"], train={**SETTINGS["train"], "deepspeed": str(ds_json), **resume},
+                      optim=SETTINGS["optim"])
+    torchrun([HERE / "run_cli.py", "train", cfg], timeout=400)
     return out
 
 
@@ -69,3 +75,12 @@ def test_zero2_checkpoints_hold_each_ranks_lorapro_pairs(runs):
             pairs.append(name)
     # tiny-llama: 2 layers x (q_proj, v_proj) = 4 pairs, each stepped (and saved) by exactly one rank
     assert len(pairs) == len(set(pairs)) == 4
+
+
+def test_zero2_resume_from_a_trainer_checkpoint_equals_uninterrupted(runs):
+    got, want = adapter(runs["resumed"] / "adapter"), adapter(runs["zero2"] / "adapter")
+    assert got.keys() == want.keys()
+    for k in want:  # same processes, same bf16 arithmetic: equal up to the reduction's rounding
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
+    resumed = [r for r in records(runs["resumed"]) if r["kind"] == "train"]
+    assert [r["step"] for r in resumed] == [3, 4]

@@ -291,7 +291,6 @@ class _GatheredGroup:
     """
 
     def __init__(self, factors: List[torch.Tensor], mode: Optional[str], process_group: Any) -> None:
-        self.factors = factors
         self.group = process_group
         self.rank, world = dist.get_rank(group=process_group), dist.get_world_size(group=process_group)
         shapes = [_full_shape(p) for p in factors]
