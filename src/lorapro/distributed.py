@@ -38,7 +38,8 @@ Checkpoints (world-size independent)
 What is refused
     Parameters that are DTensors (FSDP2 ``fully_shard``, tensor parallel) and FSDP1-wrapped models: LoRA-Pro needs
     whole A and B on the rank that steps them. Engines that replace the optimizer's parameters by flat buffers
-    (DeepSpeed ZeRO-1/2/3, fused fp16/bf16 optimizers) are detected at the next step.
+    (DeepSpeed ZeRO-1/2/3, fused fp16/bf16 optimizers) are detected at the next step; under ZeRO,
+    ``lorapro.integrations.deepspeed.DeepSpeedLoRAProAdamW`` reassembles the pairs from the partitions.
 """
 
 from __future__ import annotations
@@ -177,7 +178,9 @@ def check_lora_group_intact(group: Dict[str, Any]) -> None:
             "The parameters of a LoRA-Pro param group were replaced (now "
             f"{len(params)} tensor(s) of shapes {[tuple(p.shape) for p in params[:4]]}, expected "
             f"{len(group['scalings'])} (A, B) pairs of 2-D factors). An engine flattened or partitioned them — "
-            "DeepSpeed ZeRO stage 1/2/3 or a DeepSpeed fp16/bf16 optimizer wrapper. " + SUPPORTED
+            "DeepSpeed ZeRO stage 1/2/3 or a DeepSpeed fp16/bf16 optimizer wrapper. Under ZeRO stage 1-3 use "
+            "lorapro.integrations.deepspeed.DeepSpeedLoRAProAdamW (or DeepSpeedLoRAProSGD), same arguments, as "
+            "the client optimizer: it reassembles the pairs from DeepSpeed's partitions. " + SUPPORTED
         )
 
 

@@ -1,4 +1,4 @@
-"""LoRA-Pro as DeepSpeed's client optimizer at ZeRO stage 0 (2 gloo processes on CPU); ZeRO 1-3 refused.
+"""LoRA-Pro as DeepSpeed's client optimizer at ZeRO stage 0 (2 gloo processes on CPU); ZeRO 1-3: test_deepspeed_zero.py.
 
 Skipped when DeepSpeed is not installed (``pip install deepspeed`` with ``DS_BUILD_OPS=0`` is enough on CPU)."""
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.distributed
 @pytest.fixture(scope="module")
 def ds_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ds")
-    torchrun([HERE / "worker_deepspeed.py", out], timeout=400)
+    torchrun([HERE / "worker_deepspeed.py", out, "zero0"], timeout=400)
     return out, [json.loads((out / f"meta_rank{r}.json").read_text()) for r in range(2)]
 
 
@@ -67,13 +67,3 @@ def test_checkpoint_with_sharded_state_resumes_exactly(ds_run):
     want = one_process()
     for rank in (0, 1):
         close(load(out, "ds_resumed", rank), want, **TOL)
-
-
-def test_zero_stages_1_to_3_and_offload_are_refused(ds_run):
-    _, meta = ds_run
-    for m in meta:
-        for stage in (1, 2, 3):
-            assert f"stage = {stage}" in m[f"check_stage{stage}"] and "stage = 0" in m[f"check_stage{stage}"]
-        assert "offload_optimizer" in m["check_offload"]
-        # DeepSpeed initialised directly at stage 2: the first LoRA-Pro step sees the flat buffers and says so
-        assert "flattened or partitioned" in m["direct_stage2"] and "ZeRO" in m["direct_stage2"]

@@ -1,4 +1,4 @@
-"""The Trainer path refuses FSDP and DeepSpeed ZeRO >= 1 when the LoRA-Pro optimizer is requested (no processes)."""
+"""The Trainer path refuses FSDP and the DeepSpeed configs LoRA-Pro cannot run under, and picks the ZeRO optimizer\nfor ZeRO stage 1-3 (no processes)."""
 
 from types import SimpleNamespace
 
@@ -6,7 +6,7 @@ import pytest
 from torch import nn
 
 from lorapro.integrations.deepspeed import check_deepspeed_config
-from lorapro.integrations.distributed import check_trainer_args, lorapro_optimizer_of
+from lorapro.integrations.distributed import check_trainer_args, lorapro_optimizer_of, trainer_deepspeed_config
 
 
 def args(**kw):
@@ -27,14 +27,40 @@ def test_plain_and_stage0_are_accepted(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_deepspeed_zero_stages_are_refused(stage):
-    with pytest.raises(ValueError, match=f"stage = {stage}.*stage = 0"):
-        check_trainer_args(args(deepspeed={"zero_optimization": {"stage": stage}}))
+def test_deepspeed_zero_stages_get_the_zero_optimizer(stage):
+    pytest.importorskip("transformers")
+    from lorapro.integrations.deepspeed import DeepSpeedLoRAProAdamW, DeepSpeedLoRAProSGD
+    from lorapro.integrations.transformers import lorapro_optimizer_cls_and_kwargs
+
+    from dist_toy import make_model
+
+    a = args(deepspeed={"zero_optimization": {"stage": stage, "offload_optimizer": {"device": "cpu"}}})
+    check_trainer_args(a)
+    cls, kwargs = lorapro_optimizer_cls_and_kwargs(make_model(), a, shard_state=True)
+    assert cls is DeepSpeedLoRAProAdamW and "shard_state" not in kwargs  # ZeRO always splits the state by pairs
+    assert lorapro_optimizer_cls_and_kwargs(make_model(), a, optimizer="sgd")[0] is DeepSpeedLoRAProSGD
+    cls, kwargs = lorapro_optimizer_cls_and_kwargs(make_model(), args(deepspeed={}), shard_state=True)
+    assert cls.__name__ == "LoRAProAdamW" and kwargs["shard_state"] is True  # stage 0
 
 
-def test_offload_is_refused():
-    with pytest.raises(ValueError, match="offload_param"):
-        check_deepspeed_config({"zero_optimization": {"stage": 0, "offload_param": {"device": "nvme"}}})
+@pytest.mark.parametrize("zero,match", [
+    ({"stage": 0, "offload_param": {"device": "nvme"}}, "offload_param.*stage >= 1"),
+    ({"stage": 2, "elastic_checkpoint": True}, "elastic_checkpoint.*same number"),
+    ({"stage": 3, "offload_optimizer": {"device": "nvme"}}, "offload_optimizer.device = 'nvme'.*'cpu'"),
+    ({"stage": 3, "offload_optimizer": {"device": "cpu", "ratio": 0.3}}, "ratio = 0.3.*built-in AdamW"),
+])
+def test_deepspeed_configs_lorapro_cannot_run_under_are_refused(zero, match):
+    with pytest.raises(ValueError, match=match):
+        check_deepspeed_config({"zero_optimization": zero})
+
+
+def test_a_deepspeed_optimizer_section_is_refused(tmp_path):
+    cfg = tmp_path / "ds.json"
+    cfg.write_text('{"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}')
+    with pytest.raises(ValueError, match="'optimizer' section.*Remove"):
+        check_trainer_args(args(deepspeed=str(cfg)))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        check_trainer_args(args(deepspeed=str(tmp_path / "missing.json")))
 
 
 def test_fsdp_is_refused_from_args_and_from_accelerate_launch(monkeypatch):
@@ -45,14 +71,17 @@ def test_fsdp_is_refused_from_args_and_from_accelerate_launch(monkeypatch):
         check_trainer_args(args())
 
 
-def test_accelerate_launch_deepspeed_stage_from_environment(monkeypatch):
+def test_accelerate_launch_deepspeed_stage_from_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", raising=False)
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
-    with pytest.raises(ValueError, match="stage = 2"):
-        check_trainer_args(args())
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0")
+    assert trainer_deepspeed_config(args()) == {"zero_optimization": {"stage": 2}}
     check_trainer_args(args())
+    cfg = tmp_path / "ds.json"
+    cfg.write_text('{"zero_optimization": {"stage": 2, "elastic_checkpoint": true}}')
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(cfg))  # the file wins over the stage variable
+    with pytest.raises(ValueError, match="elastic_checkpoint"):
+        check_trainer_args(args())
 
 
 def test_transformers_factory_runs_the_check():

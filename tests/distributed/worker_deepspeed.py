@@ -1,6 +1,9 @@
-"""Run under ``torchrun --nproc_per_node=2`` by test_deepspeed.py: LoRA-Pro as DeepSpeed's client optimizer.
+"""Run under ``torchrun --nproc_per_node=2`` by test_deepspeed.py and test_deepspeed_zero.py: LoRA-Pro as
+DeepSpeed's client optimizer.
 
-Usage: worker_deepspeed.py OUT_DIR. Writes <scenario>_rank<r>.pt (trainable parameters) and meta_rank<r>.json.
+Usage: worker_deepspeed.py OUT_DIR SUITE, SUITE "zero0" (stage 0: LoRAProAdamW), "zero12" (stages 1 and 2:
+DeepSpeedLoRAProAdamW) or "zero3". Writes <scenario>_rank<r>.pt (the full fp32 trainable parameters) and
+meta_rank<r>.json (optimizer classes, state sizes, errors).
 """
 
 import json
@@ -11,85 +14,144 @@ import deepspeed
 import deepspeed.ops
 import torch
 import torch.distributed as dist
+from deepspeed.utils import safe_get_full_fp32_param
 from torch import nn
 
-from dist_toy import GLOBAL_BATCH, STEPS_DEFAULT as STEPS, global_batches, local_slice, make_model, make_opt, params_of
+from dist_toy import GLOBAL_BATCH, STEPS_DEFAULT as STEPS, global_batches, local_slice, make_model, make_opt
 
-from lorapro.integrations.deepspeed import check_deepspeed_config, initialize, save_checkpoint
+from lorapro.distributed import optimizer_state_bytes
+from lorapro.integrations.deepspeed import DeepSpeedLoRAProAdamW, DeepSpeedLoRAProSGD, initialize, save_checkpoint
 
 SAVE_AT = 2
+CLIP = 0.05  # small enough that every step of the toy run is clipped
 
 
-def config(stage=0, precision=None):
-    cfg = {"train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": GLOBAL_BATCH // dist.get_world_size(),
-           "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}
-    if precision:
-        cfg[precision] = {"enabled": True}
+def zero_opt(kind, model):
+    """The ZeRO optimizer with the hyperparameters of the 1-process reference ``make_opt(kind, ...)``."""
+    ref = make_opt(kind, model)
+    if kind == "sgd":
+        keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
+        cls = DeepSpeedLoRAProSGD
+    else:
+        keys = ("lr", "betas", "eps", "weight_decay", "mode")
+        cls = DeepSpeedLoRAProAdamW
+    return cls(model, **{k: ref.defaults[k] for k in keys})
+
+
+def config(stage, gas=1, **extra):
+    world = dist.get_world_size()
+    cfg = {"train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world // gas,
+           "gradient_accumulation_steps": gas, "zero_optimization": {"stage": stage}}
+    for key, value in extra.items():
+        if key in ("offload_optimizer", "sub_group_size", "stage3_param_persistence_threshold"):
+            cfg["zero_optimization"][key] = value
+        else:
+            cfg[key] = value
     return cfg
 
 
-def run(engine, start, stop, rank, world):
+def run(engine, start, stop, gas=1):
+    rank, world = dist.get_rank(), dist.get_world_size()
     batches = global_batches(STEPS)
     dtype = next(engine.module.parameters()).dtype
     for step in range(start, stop):
         x, y = local_slice(batches[step], rank, world)
-        engine.backward(nn.functional.cross_entropy(engine(x.to(dtype)).float(), y))
-        engine.step()
+        k = len(x) // gas
+        for micro in range(gas):  # engine.step() after every micro-batch; DeepSpeed steps at the boundary
+            xs, ys = x[micro * k:(micro + 1) * k], y[micro * k:(micro + 1) * k]
+            engine.backward(nn.functional.cross_entropy(engine(xs.to(dtype)).float(), ys))
+            engine.step()
+
+
+def full_params(engine):
+    out = {}
+    for n, p in engine.module.named_parameters():
+        if p.requires_grad:
+            full = safe_get_full_fp32_param(p)  # a collective at ZeRO >= 1; None at stage 0
+            out[n] = (full if full is not None else p.detach()).float().clone()
+    return out
 
 
 def main() -> None:
-    out = sys.argv[1]
+    out, suite = sys.argv[1], sys.argv[2]
     # On CPU, DeepSpeed compiles a shared-memory all-reduce extension on first use (minutes on 2 cores); the test
     # needs only correctness, so let gloo do the all-reduce (CPU-only switch; irrelevant on GPUs).
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     meta = {}
 
-    def save(name, engine):
-        torch.save({k: v.float() for k, v in params_of(engine.module).items()}, os.path.join(out, f"{name}_rank{rank}.pt"))
+    def train(name, kind, cfg, gas=1):
+        model = make_model()
+        opt = zero_opt(kind, model)
+        engine, *_ = initialize(model=model, optimizer=opt, config=cfg)
+        run(engine, 0, STEPS, gas)
+        torch.save(full_params(engine), os.path.join(out, f"{name}_rank{rank}.pt"))
+        meta[f"state_bytes_{name}"] = optimizer_state_bytes(opt)
+        meta[f"wrapper_{name}"] = type(engine.optimizer).__name__
+        return engine
 
-    for precision in (None, "bf16"):
-        for shard in (False, True):
-            model = make_model()
-            engine, *_ = initialize(model=model, optimizer=make_opt("full", model, shard_state=shard),
-                                    config=config(precision=precision))
-            meta[f"wrapper_{precision}_{shard}"] = type(engine.optimizer).__name__
-            run(engine, 0, STEPS, rank, world)
-            save(f"ds_{precision}_{'sharded' if shard else 'plain'}", engine)
+    def checkpoint(name, stage, make=zero_opt):
+        model = make_model()
+        engine, *_ = initialize(model=model, optimizer=make("full", model), config=config(stage))
+        run(engine, 0, SAVE_AT)
+        save_checkpoint(engine, os.path.join(out, f"ckpt_{name}"), tag="step2")
+        model = make_model(seed=123)  # different weights: the checkpoint must restore them
+        engine, *_ = initialize(model=model, optimizer=make("full", model), config=config(stage))
+        engine.load_checkpoint(os.path.join(out, f"ckpt_{name}"), tag="step2")
+        run(engine, SAVE_AT, STEPS)
+        torch.save(full_params(engine), os.path.join(out, f"{name}_rank{rank}.pt"))
 
-    # checkpoint: save at SAVE_AT with sharded state, resume in a fresh engine, finish
-    model = make_model()
-    engine, *_ = initialize(model=model, optimizer=make_opt("full", model, shard_state=True), config=config())
-    run(engine, 0, SAVE_AT, rank, world)
-    save_checkpoint(engine, os.path.join(out, "ds_ckpt"), tag="step2")
-    model = make_model(seed=123)  # different weights: the checkpoint must restore them
-    engine, *_ = initialize(model=model, optimizer=make_opt("full", model, shard_state=True), config=config())
-    engine.load_checkpoint(os.path.join(out, "ds_ckpt"), tag="step2")
-    run(engine, SAVE_AT, STEPS, rank, world)
-    save("ds_resumed", engine)
-
-    # ZeRO 1-3 and offload: refused by the config check, and detected at the first step if DeepSpeed is used directly
-    for stage in (1, 2, 3):
+    if suite == "zero0":  # LoRAProAdamW itself, optionally with its state split by pairs (shard_state)
+        for precision in (None, "bf16"):
+            for shard in (False, True):
+                model = make_model()
+                extra = {precision: {"enabled": True}} if precision else {}
+                engine, *_ = initialize(model=model, optimizer=make_opt("full", model, shard_state=shard),
+                                        config=config(0, **extra))
+                meta[f"wrapper_{precision}_{shard}"] = type(engine.optimizer).__name__
+                run(engine, 0, STEPS)
+                torch.save(full_params(engine), os.path.join(out, f"ds_{precision}_{'sharded' if shard else 'plain'}"
+                                                                   f"_rank{rank}.pt"))
+        checkpoint("ds_resumed", 0, make=lambda kind, model: make_opt(kind, model, shard_state=True))
+    elif suite == "zero12":
+        for stage in (1, 2):
+            for kind in ("full", "efficient"):
+                train(f"z{stage}_{kind}", kind, config(stage))
+        train("z2_factored", "factored", config(2))
+        train("z2_sgd", "sgd", config(2))
+        train("z2_offload", "full", config(2, offload_optimizer={"device": "cpu"}))
+        train("z2_clip_accum", "full", config(2, gas=2, gradient_clipping=CLIP), gas=2)
+        train("z2_bf16", "full", config(2, bf16={"enabled": True}))  # bf16 weights, fp32 masters in the partitions
+        checkpoint("z2_resumed", 2)
+        # refused: a plain LoRAProAdamW at ZeRO >= 1, through our initialize and through deepspeed.initialize
+        model = make_model()
         try:
-            check_deepspeed_config(config(stage))
-            meta[f"check_stage{stage}"] = "accepted"
+            initialize(model=model, optimizer=make_opt("full", model), config=config(2))
+            meta["plain_at_stage2"] = "accepted"
+        except TypeError as e:
+            meta["plain_at_stage2"] = str(e)
+        model = make_model()
+        engine, *_ = deepspeed.initialize(model=model, optimizer=make_opt("full", model),
+                                          config={**config(2), "zero_allow_untested_optimizer": True})
+        try:
+            run(engine, 0, 1)
+            meta["direct_stage2"] = "ran"
+        except RuntimeError as e:
+            meta["direct_stage2"] = str(e)
+    else:
+        for kind in ("full", "efficient"):
+            # full: no parameter persistence, so even these small factors are partitioned for the forward pass too
+            train(f"z3_{kind}", kind, config(3, stage3_param_persistence_threshold=0 if kind == "full" else 100000))
+        train("z3_offload", "efficient", config(3, offload_optimizer={"device": "cpu"}))
+        checkpoint("z3_resumed", 3)
+        model = make_model()  # a LoRA group over two sub-groups: refused at the first step
+        engine, *_ = initialize(model=model, optimizer=zero_opt("full", model), config=config(3, sub_group_size=100))
+        try:
+            run(engine, 0, 1)
+            meta["split_sub_groups"] = "ran"
         except ValueError as e:
-            meta[f"check_stage{stage}"] = str(e)
-    offload = config(0)
-    offload["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
-    try:
-        check_deepspeed_config(offload)
-        meta["check_offload"] = "accepted"
-    except ValueError as e:
-        meta["check_offload"] = str(e)
-    model = make_model()
-    engine, *_ = deepspeed.initialize(model=model, optimizer=make_opt("full", model), config=config(2))
-    try:
-        run(engine, 0, 1, rank, world)
-        meta["direct_stage2"] = "ran"
-    except RuntimeError as e:
-        meta["direct_stage2"] = str(e)
+            meta["split_sub_groups"] = str(e)
 
     with open(os.path.join(out, f"meta_rank{rank}.json"), "w") as f:
         json.dump(meta, f)

@@ -107,7 +107,9 @@ class TrainSection:
         None, help="continue a run: a checkpoint directory, or 'latest' for the newest one in output_dir/checkpoints"
     )
     dataloader_workers: int = field(0, help="DataLoader worker processes")
-    deepspeed: Optional[str] = field(None, help="path of a DeepSpeed JSON config (passed to the HF Trainer)")
+    deepspeed: Optional[str] = field(
+        None, help="path of a DeepSpeed JSON config (passed to the HF Trainer; ZeRO stage 0-3, no 'optimizer' section)"
+    )
     save_only_model: bool = field(
         False,
         help="checkpoints hold the trained weights only, no optimizer state: much smaller (a full-mode LoRA-Pro "

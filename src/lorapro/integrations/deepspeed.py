@@ -1,64 +1,125 @@
-"""LoRA-Pro under DeepSpeed, unmodified: ZeRO stage 0 with LoRA-Pro as the client optimizer.
+r"""LoRA-Pro under DeepSpeed, unmodified: ZeRO stage 0, 1, 2 and 3 (and ZeRO-Offload of the optimizer to CPU).
 
 LoRA-Pro updates each LoRA pair (A, B) from both factors and both gradients together. DeepSpeed's ZeRO stage 1, 2
-and 3 optimizers (and its ``BF16_Optimizer``) concatenate all parameters of a param group into one flat buffer and
-hand each rank a slice of it, so no rank sees an (A, B) pair any more. The authors' fork of DeepSpeed re-pairs the
-slices by position, which breaks when the model, the target modules or the number of GPUs change. Here instead:
+and 3 optimizers (and its ``BF16_Optimizer``) concatenate all parameters of a param group into one flat fp32
+buffer and hand each rank a slice of it, so no rank sees an (A, B) pair any more. The authors' fork of DeepSpeed
+re-pairs the slices by position inside ``stage_1_and_2.py``. Here nothing of DeepSpeed is patched.
 
-What works (tested on CPU with 2 processes, ``tests/distributed/test_deepspeed.py``)
-    * ``zero_optimization.stage = 0`` with ``LoRAProAdamW`` / ``LoRAProSGD`` as the client optimizer: DeepSpeed
-      does the data-parallel gradient all-reduce, gradient accumulation, clipping, LR scheduling and checkpoints;
-      LoRA-Pro steps the real A and B. Two processes reproduce one process with the global batch.
-    * ``"bf16": {"enabled": true}`` at stage 0: DeepSpeed wraps the client optimizer in its *unfused*
-      mixed-precision optimizer, which keeps one fp32 master copy per parameter with the parameter's shape —
-      LoRA-Pro steps those masters, pairs intact. ``"fp16"`` takes the same wrapper in DeepSpeed's code but is
-      untested here (DeepSpeed refuses fp16 on CPU). ``"torch_autocast"`` works too (parameters stay fp32).
-    * The ZeRO-1 memory saving for LoRA-Pro's own state: ``LoRAProAdamW(model, ..., shard_state=True)`` (see
-      :mod:`lorapro.distributed`) splits the state by whole pairs across ranks. For LoRA the trainable factors
-      and their gradients are small, so ZeRO-1/2's partitioning of them would save little beyond this.
+ZeRO stage 1, 2, 3: :class:`DeepSpeedLoRAProAdamW` / :class:`DeepSpeedLoRAProSGD` as the client optimizer
+    Where the LoRA-Pro step runs, and why there. ``engine.step()`` (called by ``deepspeed.initialize``'s users, and
+    by accelerate — hence the Hugging Face Trainer — from inside ``accelerator.backward``) runs the ZeRO
+    optimizer's ``step``, which (``runtime/zero/stage_1_and_2.py``, ``stage3.py``, ``bf16_optimizer.py``):
+    skips the step on fp16 overflow, computes the global norm of the *raw* gradients, unscales and clips the
+    gradient of this rank's flat fp32 partition, and then calls the **client optimizer's** ``step()`` with its
+    param groups holding the flat fp32 master partition (its ``.grad`` the final gradient); afterwards it copies
+    the partition into the bf16/fp16 weights and all-gathers them. The client optimizer's ``step`` is therefore
+    the one public extension point that sees exactly the gradients LoRA-Pro must see (averaged over ranks and
+    micro-batches, clipped by their raw norm as in the single-process optimizer, never on a skipped step), under
+    every stage, with and without ZeRO-Offload, and under accelerate / the Trainer too (they only call
+    ``engine.step()``). A hook before ``engine.step`` using ``safe_get_full_grad`` / ``safe_set_full_grad`` would
+    see the gradients before clipping (DeepSpeed would then clip by the norm of the *adjusted* gradients, not of
+    the raw ones) and would advance full mode's moments on steps DeepSpeed then skips; and those functions
+    refuse to run inside the step (DeepSpeed has freed the buffers they read by then).
 
-What is refused, with a clear error
-    ZeRO stage 1, 2, 3 and any ``offload_optimizer`` / ``offload_param`` (which require stage >= 1):
-    :func:`check_deepspeed_config` / :func:`initialize` refuse such a config before DeepSpeed starts, and if
-    DeepSpeed is initialised directly, LoRA-Pro's ``step`` detects the flat buffers and raises.
+    What the client optimizer does in that ``step``, per LoRA param group:
+
+    1. gather: every rank writes the elements of every LoRA factor and gradient that lie in its partition into a
+       zero buffer at their place in the full tensor, and one ``all_reduce`` assembles all A, B, g_A, g_B —
+       DeepSpeed's own ``safe_get_full_fp32_param`` does the same per tensor. Which elements of which factor lie
+       where is read from DeepSpeed's mapping objects: ``param._hp_mapping`` (ZeRO-1/2 and ``BF16_Optimizer``,
+       the mapping ``safe_get_full_fp32_param`` uses) and, at ZeRO-3, the optimizer's ``grad_position`` and the
+       parameter's partition rank (``param.ds_process_group``) — internal attributes, checked at every step, so
+       a DeepSpeed release that changes them gets a clear error, not a wrong step (tested with 0.19.8). The
+       factors are ≈ 0.3% of a 7B model, so this costs one all-reduce of twice their size;
+    2. step: the pairs are split across the data-parallel ranks by whole pairs (balanced by state size, as
+       ``shard_state`` does, :func:`lorapro.distributed.partition_by_cost`); each rank runs the unchanged
+       :class:`lorapro.LoRAProAdamW` / :class:`lorapro.LoRAProSGD` bucket step — every mode, ``full``,
+       ``efficient``, ``factored`` — on full fp32 views of the pairs it owns, keeping their state (so per-rank
+       LoRA-Pro state is ≈ 1/W of the single-process state, for full mode's m × n moments too);
+    3. scatter: one ``all_reduce`` of the updated factors (each rank contributes its own pairs), and every rank
+       writes its slice into its fp32 master partition, which DeepSpeed then casts and all-gathers as usual.
+
+    Non-LoRA trainable parameters (heads, biases, ``modules_to_save``) get the same plain AdamW / SGD as in the
+    single-process optimizer, applied elementwise to their flat partition (so ZeRO partitions their state).
+    The result equals the single-process optimizer up to the float rounding of the gradient reduction: same code,
+    same state, weight decay included (tested with 2 processes: full and efficient mode at ZeRO-1, 2 and 3,
+    factored mode and SGD at ZeRO-2, CPU offload at ZeRO-2 and 3, clipping with accumulation, bf16).
+
+    Why the optimizer writes the master weights itself instead of handing adjusted gradients to DeepSpeed's
+    Adam (or, for full mode, the projected Adam direction to an SGD): the bucket step is the code and state of
+    the single-process optimizer, so every mode matches it exactly, one state format serves all stages, and no
+    second optimizer's hyperparameters (SGD's lr, momentum, decay) have to be kept in sync. What is given up is
+    DeepSpeed's fused / CPU Adam for the LoRA factors, whose elementwise Adam is a small part of a LoRA-Pro step.
+
+ZeRO stage 0: :class:`lorapro.LoRAProAdamW` / :class:`lorapro.LoRAProSGD` as the client optimizer
+    DeepSpeed does the data-parallel all-reduce, accumulation, clipping, LR scheduling and checkpoints; LoRA-Pro
+    steps the real A and B (with ``"bf16"``, DeepSpeed's unfused wrapper's fp32 masters of the same shapes).
+    ``LoRAProAdamW(..., shard_state=True)`` splits its state by pairs (:mod:`lorapro.distributed`).
+
+Checkpoints
+    ``engine.save_checkpoint`` / ``load_checkpoint`` (and the Trainer's checkpoints) work at every stage. At ZeRO
+    1-3 every rank writes its own optimizer file, holding the state of the pairs it owns (keyed by pair name) and
+    of its partition of the other parameters, so a checkpoint resumes with the same number of data-parallel
+    ranks; loading it with another number raises an error that says so.
+
+What is refused, with an error naming the alternative (:func:`check_deepspeed_config`, and at the first step)
+    * a plain ``LoRAProAdamW`` at ZeRO stage >= 1 (use ``DeepSpeedLoRAProAdamW`` with the same arguments);
+    * an ``"optimizer"`` section in the DeepSpeed config (DeepSpeed would build its own Adam and LoRA-Pro would
+      not run: remove it);
+    * ``zero_optimization.elastic_checkpoint`` (it re-slices the optimizer state elementwise across ranks, which
+      pair-keyed state does not survive), NVMe optimizer offload and ZeRO-3's partial offload
+      (``offload_optimizer.ratio`` < 1, which steps part of the partitions with a second, built-in AdamW);
+    * a LoRA param group split over several ZeRO-3 sub-groups (raise ``zero_optimization.sub_group_size``).
 
 Usage::
 
-    from lorapro import LoRAProAdamW
-    from lorapro.integrations.deepspeed import initialize, save_checkpoint
-    opt = LoRAProAdamW(peft_model, lr=2e-5, shard_state=True)      # after deepspeed.init_distributed()
-    engine, opt, _, _ = initialize(model=peft_model, optimizer=opt, config=ds_config)
+    from lorapro.integrations.deepspeed import DeepSpeedLoRAProAdamW, initialize, save_checkpoint
+    opt = DeepSpeedLoRAProAdamW(peft_model, lr=2e-5, mode="full")     # arguments as LoRAProAdamW
+    engine, opt, _, _ = initialize(model=peft_model, optimizer=opt, config="ds_zero2.json")
     ... engine.backward(loss); engine.step() ...
-    save_checkpoint(engine, "ckpt")                                # all ranks
+    save_checkpoint(engine, "ckpt")                                   # all ranks
 
-With the Hugging Face Trainer, ``TrainingArguments(deepspeed=ds_config)`` with a stage-0 config and the LoRA-Pro
-optimizer from :mod:`lorapro.integrations.transformers` is the same path;
-:func:`lorapro.integrations.distributed.check_trainer_args` refuses other stages up front.
+With the Hugging Face Trainer (``lorapro train ... train.deepspeed=ds.json``),
+:func:`lorapro.integrations.transformers.lorapro_optimizer_cls_and_kwargs` picks the class from the config's stage.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from collections import defaultdict
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.distributed as dist
 
+from ..distributed import partition_by_cost, pair_state_numel
+from ..optim import LoRAProAdamW, LoRAProSGD
 from .distributed import lorapro_optimizer_of
 
-__all__ = ["check_deepspeed_config", "initialize", "save_checkpoint", "lorapro_optimizer_of"]
+__all__ = [
+    "DeepSpeedLoRAProAdamW",
+    "DeepSpeedLoRAProSGD",
+    "check_deepspeed_config",
+    "load_deepspeed_config",
+    "zero_stage",
+    "initialize",
+    "save_checkpoint",
+    "lorapro_optimizer_of",
+]
 
 ConfigT = Union[str, Path, Dict[str, Any]]
 
-SUPPORTED_DS = (
-    "LoRA-Pro runs under DeepSpeed with zero_optimization.stage = 0 (fp32, bf16 or torch_autocast) and "
-    "LoRA-Pro as the client optimizer; for ZeRO-1-style memory savings create it with "
-    "LoRAProAdamW(model, ..., shard_state=True). ZeRO stages 1-3 flatten and partition the parameters, which "
-    "destroys the (A, B) pairs LoRA-Pro needs, and CPU/NVMe offload requires those stages."
+ZERO_ALTERNATIVE = (
+    "At ZeRO stage 1, 2 or 3 use lorapro.integrations.deepspeed.DeepSpeedLoRAProAdamW (or DeepSpeedLoRAProSGD) "
+    "as the client optimizer, with the arguments of LoRAProAdamW; at stage 0, LoRAProAdamW itself."
 )
+ZERO_STATE_KEY = "lorapro_zero"  # marks a state dict written by the ZeRO path
 
 
-def _load_config(config: ConfigT) -> Dict[str, Any]:
+def load_deepspeed_config(config: ConfigT) -> Dict[str, Any]:
+    """A DeepSpeed config as a dict, from a dict or a JSON file path."""
     if isinstance(config, dict):
         return config
     path = Path(config)
@@ -67,41 +128,381 @@ def _load_config(config: ConfigT) -> Dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def zero_stage(config: ConfigT) -> int:
+    """The ZeRO stage of a DeepSpeed config (dict or JSON path); 0 without a ``zero_optimization`` section."""
+    stage = (load_deepspeed_config(config).get("zero_optimization") or {}).get("stage", 0)
+    try:
+        return int(stage)
+    except (TypeError, ValueError):
+        raise ValueError(f"DeepSpeed config has zero_optimization.stage = {stage!r}; use 0, 1, 2 or 3.") from None
+
+
 def check_deepspeed_config(config: ConfigT) -> Dict[str, Any]:
     """Raise ``ValueError`` unless LoRA-Pro can run under this DeepSpeed config; return the config as a dict.
 
-    Accepts a dict or a JSON file path. A config without ``zero_optimization`` is stage 0.
+    Accepts a dict or a JSON file path. A config without ``zero_optimization`` is stage 0. See the module notes
+    for what is refused and why.
     """
-    cfg = _load_config(config)
+    cfg = load_deepspeed_config(config)
     zero = cfg.get("zero_optimization") or {}
-    stage = zero.get("stage", 0)
-    if stage not in (0, "0"):
-        raise ValueError(f"DeepSpeed config has zero_optimization.stage = {stage!r}. " + SUPPORTED_DS)
-    for key in ("offload_optimizer", "offload_param"):
-        device = (zero.get(key) or {}).get("device", "none")
-        if device not in (None, "none"):
-            raise ValueError(f"DeepSpeed config has zero_optimization.{key}.device = {device!r}. " + SUPPORTED_DS)
+    stage = zero_stage(cfg)
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"DeepSpeed config has zero_optimization.stage = {stage!r}; use 0, 1, 2 or 3.")
+    if "optimizer" in cfg:
+        raise ValueError(
+            "The DeepSpeed config has an 'optimizer' section, so DeepSpeed would build its own optimizer and "
+            "LoRA-Pro would not run. Remove the section; the learning rate, betas, eps and weight decay come from "
+            "the LoRA-Pro optimizer (with the Trainer: from its arguments). A 'scheduler' section may stay."
+        )
+    devices = {key: (zero.get(key) or {}).get("device", "none") for key in ("offload_optimizer", "offload_param")}
+    if stage == 0:
+        for key, device in devices.items():
+            if device not in (None, "none"):
+                raise ValueError(
+                    f"DeepSpeed config has zero_optimization.{key}.device = {device!r} at stage 0; DeepSpeed offloads "
+                    "only at ZeRO stage >= 1. Set the stage to 1, 2 or 3 (with DeepSpeedLoRAProAdamW) or remove the "
+                    "offload."
+                )
+        return cfg
+    if zero.get("elastic_checkpoint"):
+        raise ValueError(
+            "DeepSpeed config has zero_optimization.elastic_checkpoint = true. It re-slices the optimizer state "
+            "elementwise when the number of GPUs changes, which LoRA-Pro's per-pair state does not survive. Set it "
+            "to false (the default); checkpoints then resume with the same number of data-parallel processes."
+        )
+    if devices["offload_optimizer"] not in (None, "none", "cpu"):
+        raise ValueError(
+            f"DeepSpeed config has zero_optimization.offload_optimizer.device = {devices['offload_optimizer']!r}: "
+            "LoRA-Pro supports optimizer offload to 'cpu' (untested with NVMe swapping, whose swapped state would "
+            "not include LoRA-Pro's own). Use \"device\": \"cpu\"."
+        )
+    ratio = (zero.get("offload_optimizer") or {}).get("ratio", 1.0)
+    if devices["offload_optimizer"] == "cpu" and float(ratio) < 1.0:
+        raise ValueError(
+            f"DeepSpeed config has zero_optimization.offload_optimizer.ratio = {ratio}: partial offload steps part of "
+            "the partitions with a built-in AdamW instead of the client optimizer, so LoRA-Pro would not run there. "
+            "Remove 'ratio' (offload everything) or the offload."
+        )
     return cfg
 
 
 def initialize(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: ConfigT, **kwargs: Any):
-    """``deepspeed.initialize`` after :func:`check_deepspeed_config`; same return value (engine, optimizer, ...)."""
+    """``deepspeed.initialize`` after :func:`check_deepspeed_config`; same return value (engine, optimizer, ...).
+
+    At ZeRO stage >= 1 the optimizer must be a :class:`DeepSpeedLoRAProAdamW` / :class:`DeepSpeedLoRAProSGD`;
+    the config gets ``zero_allow_untested_optimizer`` (DeepSpeed's opt-in for client optimizers under ZeRO) and,
+    with CPU offload, ``zero_force_ds_cpu_optimizer = false`` (the opt-in for a client optimizer there).
+    """
     import deepspeed
 
-    cfg = check_deepspeed_config(config)
+    cfg = dict(check_deepspeed_config(config))
     if lorapro_optimizer_of(optimizer) is None:
-        raise TypeError("lorapro.integrations.deepspeed.initialize expects a LoRAProAdamW / LoRAProSGD optimizer.")
+        raise TypeError("lorapro.integrations.deepspeed.initialize expects a LoRA-Pro optimizer. " + ZERO_ALTERNATIVE)
+    stage = zero_stage(cfg)
+    if stage >= 1:
+        if not isinstance(optimizer, _ZeroStep):
+            raise TypeError(f"{type(optimizer).__name__} at ZeRO stage {stage}. " + ZERO_ALTERNATIVE)
+        cfg.setdefault("zero_allow_untested_optimizer", True)
+        if ((cfg.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device") == "cpu":
+            cfg.setdefault("zero_force_ds_cpu_optimizer", False)
     return deepspeed.initialize(model=model, optimizer=optimizer, config=cfg, **kwargs)
 
 
 def save_checkpoint(engine: Any, save_dir: Union[str, Path], tag: Optional[str] = None, **kwargs: Any) -> Any:
     """``engine.save_checkpoint`` that first gathers a sharded LoRA-Pro state to rank 0. Call it on every rank.
 
-    DeepSpeed calls ``optimizer.state_dict()`` on every rank and, at stage 0, writes rank 0's; without
-    ``shard_state`` this is exactly ``engine.save_checkpoint``. ``engine.load_checkpoint`` needs no help: every rank
-    reads rank 0's file and a sharded optimizer keeps the pairs it owns.
+    At stage 0 DeepSpeed calls ``optimizer.state_dict()`` on every rank and writes rank 0's; without
+    ``shard_state`` (and at ZeRO >= 1, where every rank writes its own file) this is ``engine.save_checkpoint``.
+    ``engine.load_checkpoint`` needs no help.
     """
     opt = lorapro_optimizer_of(getattr(engine, "optimizer", None))
     if opt is not None:
         opt.consolidate_state_dict(to=0)
     return engine.save_checkpoint(str(save_dir), tag=tag, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ZeRO stage 1-3: where each factor's elements lie in DeepSpeed's flat fp32 partitions
+
+# (offset in the flat partition, offset in the flattened full factor, number of elements) of a factor's local slice
+_Slice = Tuple[int, int, int]
+
+
+def _full_shape(p: torch.Tensor) -> Tuple[int, ...]:
+    return tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 replaces .data by an empty placeholder
+
+
+def _layout_error(detail: str) -> RuntimeError:
+    return RuntimeError(
+        f"DeepSpeed's partition layout is not the one LoRA-Pro reads ({detail}). It is read from ZeRO-1/2's "
+        "param._hp_mapping and ZeRO-3's grad_position (tested with DeepSpeed 0.19); please report your DeepSpeed "
+        "version. Meanwhile ZeRO stage 0 with LoRAProAdamW(..., shard_state=True) works."
+    )
+
+
+def _local_slices(factors: Sequence[torch.Tensor], flat: torch.Tensor, group_index: int
+                  ) -> Tuple[List[Optional[_Slice]], Any]:
+    """This rank's slice of each factor in ``flat`` (the fp32 partition DeepSpeed passed to ``step``), and the
+    process group across which the slices are spread."""
+    try:
+        return _read_slices(factors, flat, group_index)
+    except (AttributeError, KeyError, IndexError, TypeError) as e:  # DeepSpeed internals changed
+        raise _layout_error(f"{type(e).__name__}: {e}") from e
+
+
+def _read_slices(factors: Sequence[torch.Tensor], flat: torch.Tensor, group_index: int
+                 ) -> Tuple[List[Optional[_Slice]], Any]:
+    p0 = factors[0]
+    if hasattr(p0, "ds_id"):  # ZeRO-3: rank k holds elements [k·n, (k + 1)·n) of each parameter, n = partition size
+        opt = p0._z3_optimizer
+        out: List[Optional[_Slice]] = []
+        for p in factors:
+            sub, dest, n = opt.grad_position[opt.get_param_id(p)]
+            if opt.fp32_partitioned_groups_flat[sub] is not flat:
+                raise ValueError(
+                    "A LoRA param group is split over several ZeRO-3 sub-groups, which DeepSpeed steps one at a "
+                    "time, so the (A, B) pairs are not all available in one step. Raise zero_optimization."
+                    "sub_group_size above the number of trainable LoRA parameters (e.g. 1e9, DeepSpeed's default)."
+                )
+            start = dist.get_rank(group=p.ds_process_group) * n
+            numel = max(0, min(n, p.ds_numel - start))
+            out.append((dest, start, numel) if numel else None)
+        return out, p0.ds_process_group
+    if hasattr(p0, "_hp_mapping"):  # ZeRO-1/2, BF16_Optimizer
+        out = []
+        for p in factors:
+            m = p._hp_mapping
+            if m is None:
+                out.append(None)
+                continue
+            if m.param_group_index != group_index or m.hp_fragment.untyped_storage().data_ptr() != \
+                    flat.untyped_storage().data_ptr():
+                raise _layout_error("a factor's fp32 fragment is not in its param group's partition")
+            out.append((m.hp_fragment_address.start, m.lp_fragment_address.start, m.hp_fragment_address.numel))
+        return out, p0._dp_group
+    raise _layout_error("the factors carry neither _hp_mapping nor ds_id")
+
+
+class _GatheredGroup:
+    """Full fp32 copies of one LoRA group's factors and gradients, and which rank steps which pair.
+
+    One buffer ``[A, B of every pair | their gradients]``, pairs ordered by owner rank so each rank's pairs are one
+    contiguous range; the views into it are the tensors the LoRA-Pro bucket step updates (and keys its state by).
+    """
+
+    def __init__(self, factors: List[torch.Tensor], mode: Optional[str], process_group: Any) -> None:
+        self.group = process_group
+        self.rank, world = dist.get_rank(group=process_group), dist.get_world_size(group=process_group)
+        shapes = [_full_shape(p) for p in factors]
+        n_pairs = len(factors) // 2
+        costs = [pair_state_numel(mode, shapes[2 * j + 1][0], shapes[2 * j][1], shapes[2 * j][0]) for j in range(n_pairs)]
+        self.owners = partition_by_cost(costs, world)
+        self.offsets: List[int] = [0] * len(factors)
+        total, lo, hi = 0, None, 0
+        for j in sorted(range(n_pairs), key=lambda j: (self.owners[j], j)):
+            if self.owners[j] == self.rank and lo is None:
+                lo = total
+            for i in (2 * j, 2 * j + 1):
+                self.offsets[i] = total
+                total += math.prod(shapes[i])
+            if self.owners[j] == self.rank:
+                hi = total
+        self.own_range = (lo or 0, hi)  # this rank's pairs: buf[lo:hi]
+        self.total, self.shapes = total, shapes
+        self.buf: Optional[torch.Tensor] = None
+        self.views: List[torch.Tensor] = []
+
+    def ensure_buffer(self, device: torch.device) -> None:
+        if self.buf is not None and self.buf.device == device:
+            return
+        self.buf = torch.zeros(2 * self.total, dtype=torch.float32, device=device)
+        self.views = []
+        for off, shape in zip(self.offsets, self.shapes):
+            numel = math.prod(shape)
+            v = self.buf[off:off + numel].view(shape)
+            v.grad = self.buf[self.total + off:self.total + off + numel].view(shape)
+            self.views.append(v)
+
+    def gather(self, flat: torch.Tensor, slices: List[Optional[_Slice]]) -> None:
+        """Assemble every factor and gradient from the ranks' slices (one all-reduce)."""
+        self.ensure_buffer(flat.device)
+        buf, total = self.buf, self.total
+        buf.zero_()
+        dst, src = [], []
+        for off, sl in zip(self.offsets, slices):
+            if sl is None:
+                continue
+            at, full_at, numel = sl
+            dst += [buf[off + full_at:off + full_at + numel], buf[total + off + full_at:total + off + full_at + numel]]
+            src += [flat.detach()[at:at + numel], flat.grad[at:at + numel]]
+        if dst:
+            torch._foreach_copy_(dst, src)
+        dist.all_reduce(buf, group=self.group)
+
+    def scatter(self, flat: torch.Tensor, slices: List[Optional[_Slice]]) -> None:
+        """Every rank's updated pairs to every rank (one all-reduce), then this rank's slices into ``flat``."""
+        lo, hi = self.own_range
+        params = self.buf[:self.total]
+        params[:lo].zero_()
+        params[hi:].zero_()
+        dist.all_reduce(params, group=self.group)
+        dst, src = [], []
+        for off, sl in zip(self.offsets, slices):
+            if sl is not None:
+                at, full_at, numel = sl
+                dst.append(flat.detach()[at:at + numel])
+                src.append(params[off + full_at:off + full_at + numel])
+        if dst:
+            torch._foreach_copy_(dst, src)
+
+
+class _ZeroStep:
+    """The ZeRO path of :class:`DeepSpeedLoRAProAdamW` / :class:`DeepSpeedLoRAProSGD` (see the module notes).
+
+    Mixed in before the LoRA-Pro optimizer class, whose bucket steps, plain-parameter steps and state layout it
+    reuses unchanged; with intact param groups (no ZeRO, stage 0) it is that optimizer.
+    """
+
+    def __init__(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("shard_state"):
+            raise ValueError(
+                f"{type(self).__name__} splits its state by LoRA pairs across the data-parallel ranks by itself "
+                "under ZeRO; drop shard_state=True (it is for LoRAProAdamW under DDP or ZeRO stage 0)."
+            )
+        super().__init__(params, *args, **kwargs)  # type: ignore[call-arg]
+        # The model's factors of each LoRA group, kept before DeepSpeed replaces group["params"] by its partition;
+        # "zero_index" names the group inside DeepSpeed (its param groups keep our order).
+        self._zero_factors: Dict[int, List[torch.Tensor]] = {}
+        for gi, group in enumerate(self.param_groups):  # type: ignore[attr-defined]
+            group["zero_index"] = gi
+            if group["lora"]:
+                self._zero_factors[gi] = list(group["params"])
+        self._gathered: Dict[int, _GatheredGroup] = {}
+        self._pending_pair_state: Dict[str, Dict[str, Dict[str, Any]]] = {}  # loaded, not yet placed
+        self._pending_world: Optional[int] = None
+
+    @staticmethod
+    def _zero_partitioned(group: Dict[str, Any]) -> bool:
+        params = group["params"]
+        return len(params) != 2 * len(group["scalings"]) or any(p.dim() != 2 for p in params)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        groups = self.param_groups  # type: ignore[attr-defined]
+        if not any(g["lora"] and self._zero_partitioned(g) for g in groups):
+            return super().step(closure)  # type: ignore[misc]  # stage 0 / no DeepSpeed: the factors themselves
+        if closure is not None:
+            raise TypeError(f"{type(self).__name__}.step() does not take a closure.")
+        for group in groups:
+            if not group["lora"]:
+                self._step_plain_group(group)  # type: ignore[attr-defined]  # elementwise: partitions as tensors
+                continue
+            flats = [p for p in group["params"] if p.numel() > 0]
+            if not flats:
+                continue  # ZeRO-3 steps one sub-group at a time and empties the others' params meanwhile
+            if len(flats) != 1 or flats[0].grad is None:
+                raise _layout_error(f"{len(flats)} partitions in a LoRA param group, expected one with a gradient")
+            self._zero_lora_step(group, flats[0])
+        return None
+
+    def _zero_lora_step(self, group: Dict[str, Any], flat: torch.Tensor) -> None:
+        gi = group["zero_index"]
+        factors = self._zero_factors[gi]
+        slices, process_group = _local_slices(factors, flat, gi)
+        gathered = self._gathered.get(gi)
+        if gathered is None:
+            gathered = self._gathered[gi] = _GatheredGroup(factors, group.get("mode"), process_group)
+        gathered.gather(flat, slices)
+        self._apply_pending_state(group, gathered)
+        views = gathered.views
+        pairs = [(j, views[2 * j], views[2 * j + 1], float(s)) for j, s in enumerate(group["scalings"])
+                 if gathered.owners[j] == gathered.rank]
+        for bucket in self._buckets(pairs):  # type: ignore[attr-defined]
+            self._step_lora_bucket(group, bucket)  # type: ignore[attr-defined]
+        gathered.scatter(flat, slices)
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+
+    def _pair_views(self) -> Dict[torch.Tensor, Tuple[str, str]]:
+        """View tensor -> (pair name, "A" / "B") for the pairs this rank steps."""
+        out = {}
+        for gi, gathered in self._gathered.items():
+            names = self._group_by_index(gi)["pair_names"]
+            for j, name in enumerate(names):
+                if gathered.owners[j] == gathered.rank:
+                    out[gathered.views[2 * j]] = (name, "A")
+                    out[gathered.views[2 * j + 1]] = (name, "B")
+        return out
+
+    def _group_by_index(self, gi: int) -> Dict[str, Any]:
+        for g in self.param_groups:  # type: ignore[attr-defined]
+            if g.get("zero_index") == gi:
+                return g
+        raise KeyError(gi)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The optimizer state. Under ZeRO: this rank's partitions' state as usual, plus the state of the LoRA pairs
+        this rank steps under ``"lorapro_zero"`` (by pair name), with the world size it is valid for."""
+        if not self._gathered and not self._pending_pair_state:
+            return super().state_dict()  # type: ignore[misc]
+        views = self._pair_views()
+        full = self.state  # type: ignore[has-type]
+        self.state = defaultdict(dict, {k: v for k, v in full.items() if k not in views})
+        try:
+            sd = torch.optim.Optimizer.state_dict(self)  # type: ignore[arg-type]
+        finally:
+            self.state = full
+        pairs: Dict[str, Dict[str, Any]] = dict(self._pending_pair_state)
+        for v, (name, half) in views.items():
+            if full.get(v):
+                pairs.setdefault(name, {})[half] = full[v]
+        world = (dist.get_world_size(group=next(iter(self._gathered.values())).group) if self._gathered
+                 else self._pending_world)
+        sd[ZERO_STATE_KEY] = {"pairs": pairs, "world_size": world}
+        return sd
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load a state dict from :meth:`state_dict`; under ZeRO, the one this rank saved (same world size)."""
+        zero = state_dict.get(ZERO_STATE_KEY)
+        if zero is None:
+            super().load_state_dict(state_dict)  # type: ignore[misc]
+            return
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if zero["world_size"] != world:
+            raise ValueError(
+                f"This LoRA-Pro ZeRO checkpoint was saved by {zero['world_size']} data-parallel processes and is "
+                f"being loaded by {world}: each process saved the state of the LoRA pairs it stepped, and which "
+                "process steps which pair depends on their number. Resume with the same number of processes, or "
+                "train with ZeRO stage 0 and LoRAProAdamW(..., shard_state=True), whose checkpoints load on any "
+                "number of processes."
+            )
+        rest = {k: v for k, v in state_dict.items() if k != ZERO_STATE_KEY}
+        super().load_state_dict(rest)  # type: ignore[misc]
+        self._pending_pair_state = {name: dict(halves) for name, halves in zero["pairs"].items()}
+        self._pending_world = zero["world_size"]
+        for gi, gathered in self._gathered.items():  # already stepping: apply now
+            self._apply_pending_state(self._group_by_index(gi), gathered)
+
+    def _apply_pending_state(self, group: Dict[str, Any], gathered: _GatheredGroup) -> None:
+        if not self._pending_pair_state:
+            return
+        for j, name in enumerate(group["pair_names"]):
+            halves = self._pending_pair_state.pop(name, None)
+            if halves is None or gathered.owners[j] != gathered.rank:
+                continue
+            for k, half in enumerate(("A", "B")):
+                v = gathered.views[2 * j + k]
+                self.state[v] = {  # type: ignore[has-type]
+                    key: (t.detach().to(device=v.device if key != "step" else t.device).clone() if torch.is_tensor(t)
+                          else t)
+                    for key, t in halves.get(half, {}).items()
+                }
+
+
+class DeepSpeedLoRAProAdamW(_ZeroStep, LoRAProAdamW):
+    """:class:`lorapro.LoRAProAdamW` as DeepSpeed's client optimizer at ZeRO stage 1, 2 or 3 (same arguments,
+    except ``shard_state``: under ZeRO the pairs are always split across ranks). See the module notes."""
+
+
+class DeepSpeedLoRAProSGD(_ZeroStep, LoRAProSGD):
+    """:class:`lorapro.LoRAProSGD` as DeepSpeed's client optimizer at ZeRO stage 1, 2 or 3 (see the module notes)."""

@@ -5,7 +5,7 @@ before the optimizer step, so LoRA-Pro needs nothing extra). Two helpers cover t
 
 * :func:`check_trainer_args` — refuses, before training starts, the backends LoRA-Pro cannot run under: FSDP
   (``args.fsdp`` or ``accelerate launch --use_fsdp``; the factors are sharded as DTensors) and DeepSpeed configs
-  other than ZeRO stage 0 (see :mod:`lorapro.integrations.deepspeed`). Called by
+  LoRA-Pro cannot run under (see :func:`lorapro.integrations.deepspeed.check_deepspeed_config`). Called by
   :func:`lorapro.integrations.transformers.lorapro_optimizer_cls_and_kwargs`.
 * :class:`ConsolidateStateCallback` — with ``shard_state=True`` every rank holds only its pairs' state; the
   Trainer calls ``optimizer.state_dict()`` on rank 0 alone when it writes ``optimizer.pt``. The callback runs on
@@ -17,14 +17,13 @@ before the optimizer step, so LoRA-Pro needs nothing extra). Two helpers cover t
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
-__all__ = ["check_trainer_args", "ConsolidateStateCallback", "lorapro_optimizer_of"]
+__all__ = ["check_trainer_args", "trainer_deepspeed_config", "ConsolidateStateCallback", "lorapro_optimizer_of"]
 
 
 def lorapro_optimizer_of(optimizer: Any) -> Optional[torch.optim.Optimizer]:
@@ -43,9 +42,10 @@ def _truthy(name: str) -> bool:
 
 
 def check_trainer_args(args: Any) -> None:
-    """Raise ``ValueError`` if ``TrainingArguments`` ask for a backend LoRA-Pro does not support (FSDP, ZeRO >= 1).
+    """Raise ``ValueError`` if ``TrainingArguments`` ask for a backend LoRA-Pro does not support (FSDP, or a
+    DeepSpeed config refused by :func:`lorapro.integrations.deepspeed.check_deepspeed_config`).
 
-    Supported: single process, DDP (``torchrun`` / ``accelerate launch``), DeepSpeed ZeRO stage 0.
+    Supported: single process, DDP (``torchrun`` / ``accelerate launch``), DeepSpeed ZeRO stage 0-3.
     """
     from .deepspeed import check_deepspeed_config
 
@@ -57,18 +57,28 @@ def check_trainer_args(args: Any) -> None:
             "(torchrun / accelerate launch without --use_fsdp) and, for large full-mode state, the optimizer option "
             "shard_state=True; or DeepSpeed ZeRO stage 0."
         )
+    config = trainer_deepspeed_config(args)
+    if config is not None:
+        check_deepspeed_config(config)
+
+
+def trainer_deepspeed_config(args: Any) -> Optional[Dict[str, Any]]:
+    """The DeepSpeed config the Trainer will use (from ``args.deepspeed`` or ``accelerate launch --use_deepspeed``),
+    or ``None`` without DeepSpeed."""
+    from .deepspeed import load_deepspeed_config
+
     ds = getattr(args, "deepspeed", None)
     if ds:
         hf_ds = getattr(args, "hf_deepspeed_config", None)
         config = getattr(hf_ds, "config", None) if hf_ds is not None else None
-        check_deepspeed_config(config if isinstance(config, dict) else (ds if isinstance(ds, dict) else Path(ds)))
-    elif _truthy("ACCELERATE_USE_DEEPSPEED"):
+        return config if isinstance(config, dict) else load_deepspeed_config(ds)
+    if _truthy("ACCELERATE_USE_DEEPSPEED"):
         stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
         config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
         if config_file and Path(config_file).is_file():
-            check_deepspeed_config(json.loads(Path(config_file).read_text()))
-        elif stage not in (None, "", "0"):
-            check_deepspeed_config({"zero_optimization": {"stage": int(stage)}})
+            return load_deepspeed_config(config_file)
+        return {"zero_optimization": {"stage": int(stage or 0)}}
+    return None
 
 
 try:  # the callback needs transformers; the rest of this module does not

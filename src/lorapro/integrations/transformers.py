@@ -31,10 +31,12 @@ What the Trainer does around the step, and why it is right for LoRA-Pro:
 * multi-process (``torchrun`` / ``accelerate launch``): the Trainer's DDP averages gradients before the step.
   ``shard_state=True`` (an override here) splits the LoRA-Pro state across ranks; add
   :class:`lorapro.integrations.distributed.ConsolidateStateCallback` so checkpoints hold the complete state.
-* DeepSpeed: ZeRO stage 0 with this optimizer as DeepSpeed's client optimizer works (tested in
-  ``tests/distributed``, see :mod:`lorapro.integrations.deepspeed`). ZeRO stages >= 1 flatten and partition the
-  parameters, so A and B are no longer visible as pairs to any optimizer, and FSDP shards them: both are refused
-  with a clear error when the optimizer is built (:func:`lorapro.integrations.distributed.check_trainer_args`).
+* DeepSpeed (``TrainingArguments(deepspeed=...)``): the Trainer hands this optimizer to DeepSpeed as the client
+  optimizer. At ZeRO stage 0 that is LoRAProAdamW itself; at stage 1-3, which flatten and partition the
+  parameters, :func:`lorapro_optimizer_cls_and_kwargs` returns :class:`lorapro.integrations.deepspeed.
+  DeepSpeedLoRAProAdamW`, which reassembles the pairs inside DeepSpeed's step (tested in ``tests/distributed``).
+  FSDP shards the factors and is refused with a clear error when the optimizer is built
+  (:func:`lorapro.integrations.distributed.check_trainer_args`), as are DeepSpeed configs LoRA-Pro cannot run under.
 
 Weight decay: passing the model lets LoRA-Pro find every LoRA pair itself; ``args.weight_decay`` is then applied
 to all trainable parameters (the Trainer's no-decay group for biases/LayerNorm is not used). The paper's recipes
@@ -90,11 +92,18 @@ def lorapro_optimizer_cls_and_kwargs(
     """
     cls = _optimizer_class(optimizer)
     if args is not None:
-        from .distributed import check_trainer_args
+        from .distributed import check_trainer_args, trainer_deepspeed_config
 
-        check_trainer_args(args)  # FSDP and DeepSpeed ZeRO >= 1 are refused here, before training starts
+        check_trainer_args(args)  # FSDP and DeepSpeed configs LoRA-Pro cannot run under are refused here
+        ds_config = trainer_deepspeed_config(args)
+        if ds_config is not None:
+            from .deepspeed import DeepSpeedLoRAProAdamW, DeepSpeedLoRAProSGD, zero_stage
+
+            if zero_stage(ds_config) >= 1:  # the pairs are reassembled from DeepSpeed's partitions in step()
+                cls = DeepSpeedLoRAProSGD if optimizer == "sgd" else DeepSpeedLoRAProAdamW
+                overrides.pop("shard_state", None)  # under ZeRO the state is always split by pairs
     kwargs = lorapro_optimizer_kwargs(args, **overrides)
-    if cls.__name__ == "LoRAProSGD":
+    if issubclass(cls, _optimizer_class("sgd")):
         kwargs.pop("betas", None)
         kwargs.pop("eps", None)
     kwargs["model"] = model
