@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 
 from . import factored as FF
 from . import distributed as _dist
+from . import fsdp as _fsdp
 from . import functional as F
 from .pairing import LoRAPair, check_pair, lora_pairs
 
@@ -81,7 +82,7 @@ def build_param_groups(params: ParamsT, model: Optional[nn.Module] = None) -> Li
     named pairs, never from the order of a flat list the user passed.
     """
     if model is not None:
-        model = _dist.unwrap_model(model)  # DDP / DeepSpeed engine -> the model; FSDP is refused
+        model = _dist.unwrap_model(model)  # DDP / DeepSpeed engine -> the model; FSDP1 is refused
     if isinstance(params, nn.Module):
         params = _dist.unwrap_model(params)
         if model is not None and model is not params:
@@ -201,7 +202,7 @@ class _LoRAProBase(Optimizer):
         self._rr_dtype = compute_dtype or torch.float64  # dtype of the r × r algebra
         self.state_dtype = state_dtype
         super().__init__(build_param_groups(params, model), defaults)
-        _dist.check_params_supported(self.param_groups)
+        _dist.check_params_supported(self.param_groups, shard_state)
         # shard_state=True: each rank keeps the state of the LoRA pairs it owns (lorapro.distributed)
         self._sharding = _dist.StateSharding(self) if shard_state else None
         self._scratch: Dict[Tuple[Any, ...], torch.Tensor] = {}  # see _workspace
@@ -251,7 +252,12 @@ class _LoRAProBase(Optimizer):
                 if self._sharding is not None:
                     pairs = self._sharding.owned(pairs)
                 for bucket in self._buckets(pairs):
-                    self._step_lora_bucket(group, bucket)
+                    if _fsdp.is_dtensor(bucket[0][1]):  # FSDP2: factors sharded by rows (lorapro.fsdp)
+                        _fsdp.step_lora_bucket(self, group, bucket)
+                    else:
+                        self._step_lora_bucket(group, bucket)
+            elif any(_fsdp.is_dtensor(p) for p in group["params"]):
+                _fsdp.step_plain_group(self, group)
             else:
                 self._step_plain_group(group)
         if self._sharding is not None:
@@ -308,6 +314,8 @@ class _LoRAProBase(Optimizer):
                 k: (v.detach().to(device=p.device if k != "step" else v.device).clone() if torch.is_tensor(v) else v)
                 for k, v in st.items()
             }
+            if _fsdp.is_dtensor(p):  # a consolidated state loaded under FSDP2: keep this rank's rows
+                self.state[p] = {k: _fsdp.to_local_state(v, p) for k, v in self.state[p].items()}
 
     # -- helpers for subclasses ----------------------------------------------------------------------------------
 
@@ -331,7 +339,7 @@ class _LoRAProBase(Optimizer):
         buckets: Dict[Any, list] = defaultdict(list)
         for item in pairs:
             _, A, B, _ = item
-            buckets[(B.shape[0], A.shape[1], A.shape[0], A.dtype, A.device)].append(item)
+            buckets[(B.shape[0], A.shape[1], A.shape[0], A.dtype, A.device, _fsdp.is_dtensor(A))].append(item)
         out = []
         for bucket in buckets.values():
             _, A, B, _ = bucket[0]
@@ -568,7 +576,8 @@ class LoRAProAdamW(_LoRAProBase):
 
     # -- LoRA pairs ----------------------------------------------------------------------------------------------
 
-    def _step_lora_bucket(self, group: Dict[str, Any], bucket: list) -> None:
+    def _step_lora_bucket(self, group: Dict[str, Any], bucket: list, rows: Optional[_fsdp.RowShard] = None) -> None:
+        """``rows``: full mode under FSDP2 only — this rank's rows of the moments (:func:`lorapro.fsdp.step_lora_bucket`)."""
         if group["mode"] == "factored" and group["first_moment"] == "lowrank":
             self._factored_lowrank(group, bucket)
             return
@@ -583,34 +592,38 @@ class LoRAProAdamW(_LoRAProBase):
         if group["mode"] == "factored":
             self._factored_factor(group, bucket, grams, left, right, s)
         else:
-            self._full(group, bucket, grams, left, right, s)
+            self._full(group, bucket, grams, left, right, s, rows)
 
     def _full(self, group: Dict[str, Any], bucket: list, grams: F.GramInverses, left: torch.Tensor,
-              right: torch.Tensor, s: torch.Tensor) -> None:
+              right: torch.Tensor, s: torch.Tensor, rows: Optional[_fsdp.RowShard] = None) -> None:
+        """Full mode. With ``rows`` (FSDP2), the moments hold rows [lo, hi) of the m × n ones; only those rows of
+        g̃ and D are formed, and u_A = s·Bᵀ·D (a sum over rows) and the rows of u_B = s·D·Aᵀ are summed over the
+        ranks in one all-reduce."""
         beta1, beta2 = group["betas"]
         eps = group["eps"]
         _, A0, B0, _ = bucket[0]
         wdt = _work_dtype(A0.dtype)
         A_w, B_w = grams.A, grams.B
         m, n = B0.shape[0], A0.shape[1]
+        lo, hi = (0, m) if rows is None else (rows.lo, rows.hi)
         blocks = A0.device.type == "cpu" and _cpu_blocks_pay_off()
-        rows = max(1, min(m, _CPU_BLOCK_ELEMS // n)) if blocks else m
-        scratch = torch.empty(rows, n, dtype=wdt, device=A0.device)  # the only temporary of the m × n work
+        block = max(1, min(m, _CPU_BLOCK_ELEMS // n)) if blocks else m
+        scratch = torch.empty(block, n, dtype=wdt, device=A0.device)  # the only temporary of the m × n work
         uA = torch.zeros_like(A_w)
-        uB = torch.empty_like(B_w)
+        uB = torch.empty_like(B_w) if rows is None else torch.zeros_like(B_w)
         step_size = torch.empty(len(bucket), dtype=torch.float64)
         for i, (_, a, _, _) in enumerate(bucket):
             st = self.state[a]
             if "exp_avg" not in st:
                 sdt = self._state_dtype_for(a)
-                st["exp_avg"] = torch.zeros(m, n, dtype=sdt, device=a.device)
-                st["exp_avg_sq"] = torch.zeros(m, n, dtype=sdt, device=a.device)
+                st["exp_avg"] = torch.zeros(hi - lo, n, dtype=sdt, device=a.device)
+                st["exp_avg_sq"] = torch.zeros(hi - lo, n, dtype=sdt, device=a.device)
             t = _new_step(st)
             bc1, bc2_sqrt = 1.0 - beta1**t, (1.0 - beta2**t) ** 0.5
-            for r0 in range(0, m, rows):  # one block of rows of g̃, m, v and D at a time
-                r1 = min(m, r0 + rows)
+            for r0 in range(lo, hi, block):  # one block of rows of g̃, m, v and D at a time
+                r1 = min(hi, r0 + block)
                 buf = scratch[: r1 - r0]
-                exp_avg, exp_avg_sq = st["exp_avg"][r0:r1], st["exp_avg_sq"][r0:r1]
+                exp_avg, exp_avg_sq = st["exp_avg"][r0 - lo:r1 - lo], st["exp_avg_sq"][r0 - lo:r1 - lo]
                 torch.matmul(left[i, r0:r1], right[i], out=buf)  # g̃
                 g = buf if exp_avg.dtype == wdt else buf.to(exp_avg.dtype)
                 exp_avg.lerp_(g, 1.0 - beta1)
@@ -622,6 +635,8 @@ class LoRAProAdamW(_LoRAProBase):
                 uA[i].addmm_(B_w[i, r0:r1].T, buf)
                 torch.matmul(buf, A_w[i].T, out=uB[i, r0:r1])
             step_size[i] = group["lr"] * bc2_sqrt / bc1
+        if rows is not None:
+            rows.all_reduce_([uA, uB])
         sc = s.to(wdt).view(-1, 1, 1)
         hA, hB = F.adjusted_gradients(grams, uA.mul_(sc), uB.mul_(sc), s, group["x_solution"])
         self._apply(bucket, grams.A, grams.B, hA, hB, step_size, group["lr"], group["weight_decay"])
