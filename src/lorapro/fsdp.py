@@ -59,7 +59,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["is_dtensor", "check_param", "row_range", "gather_rows", "shard_rows", "wrap_rows", "RowShard",
-           "step_plain_group", "step_lora_bucket", "to_local_state"]
+           "step_plain_group", "step_lora_bucket", "to_local_state", "save_checkpoint", "load_checkpoint"]
 
 Tensor = torch.Tensor
 
@@ -250,3 +250,37 @@ def step_lora_bucket(opt: torch.optim.Optimizer, group: Dict[str, Any], bucket: 
             continue
         wrap = (lambda x: wrap_rows(x, m, t)) if id(t) in row_local else (lambda x: shard_rows(x, t))
         opt.state[t] = {k: (wrap(x) if torch.is_tensor(x) and x.dim() > 0 else x) for k, x in st.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: torch.distributed.checkpoint (DCP), resharded on load
+
+
+def save_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Save ``model`` and ``optimizer`` with :mod:`torch.distributed.checkpoint` into the directory ``path``.
+
+    Collective under a process group (every rank calls it; each writes its shards). The state dicts are torch's
+    ``get_state_dict`` ones: parameters and LoRA-Pro state keyed by parameter name, DTensors with their global
+    shapes, so :func:`load_checkpoint` reshards them onto any number of processes, with FSDP2 or without.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+
+
+def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load a :func:`save_checkpoint` directory into ``model`` and ``optimizer`` (built as for training: same
+    model, LoRA layers and optimizer options; any world size). Collective under a process group.
+
+    torch's ``get_state_dict`` first builds the optimizer state by a step with zero gradients and lr = 0 (which
+    leaves the parameters unchanged), so that DCP has tensors of the right shapes and shardings to load into.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    sd = {"model": model_sd, "optim": optim_sd}
+    dcp.load(sd, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])

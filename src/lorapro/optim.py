@@ -256,6 +256,11 @@ class _LoRAProBase(Optimizer):
                         _fsdp.step_lora_bucket(self, group, bucket)
                     else:
                         self._step_lora_bucket(group, bucket)
+                    for _, a, b, _ in bucket:
+                        # a state entry for every factor, empty where a mode keeps none (B in full / factored mode):
+                        # torch.distributed.checkpoint's set_optimizer_state_dict requires one per trainable parameter
+                        self.state.setdefault(a, {})
+                        self.state.setdefault(b, {})
             elif any(_fsdp.is_dtensor(p) for p in group["params"]):
                 _fsdp.step_plain_group(self, group)
             else:

@@ -1,0 +1,90 @@
+"""Run under ``torchrun --nproc_per_node=2`` by test_fsdp.py: the FSDP2 scenarios of one phase in one launch.
+
+Usage: worker_fsdp.py OUT_DIR PHASE
+  PHASE "train": for every kind, an uninterrupted run (OUT/fsdp_<kind>.pt, written by rank 0), a DCP checkpoint at
+      step SAVE_AT (OUT/dcp_two_<kind>) and a resume from it on 2 processes (OUT/resumed_<kind>.pt); per-rank state
+      bytes and refusals in OUT/meta_rank<r>.json.
+  PHASE "reshard": resume from OUT/dcp_one_<kind> (written by one process at step SAVE_AT + 1) to the end
+      (OUT/reshard_<kind>.pt).
+"""
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+
+from dist_toy import global_batches, make_opt, train
+from fsdp_toy import full_params, fully_shard_model, make_padded_model
+
+from lorapro import LoRAProAdamW
+from lorapro.distributed import optimizer_state_bytes
+from lorapro.fsdp import is_dtensor, load_checkpoint, save_checkpoint
+
+KINDS = ("full", "efficient", "factored", "sgd")
+STEPS, SAVE_AT = 4, 2
+
+
+def main() -> None:
+    out, phase = sys.argv[1], sys.argv[2]
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    batches = global_batches(STEPS)
+    meta = {}
+
+    def sharded():
+        return fully_shard_model(make_padded_model(), mesh)
+
+    def save(name, model):
+        params = full_params(model)  # collective
+        if rank == 0:
+            torch.save(params, os.path.join(out, f"{name}.pt"))
+
+    for kind in KINDS:
+        if phase == "train":
+            model = sharded()
+            opt = make_opt(kind, model)
+            train(model, opt, batches, 0, STEPS, rank, world)
+            save(f"fsdp_{kind}", model)
+            meta[f"bytes_{kind}"] = optimizer_state_bytes(opt)
+            meta[f"state_kinds_{kind}"] = sorted({f"{k}:{'DTensor' if is_dtensor(v) else v.dim()}"
+                                                  for st in opt.state.values() for k, v in st.items()})
+
+            model = sharded()
+            opt = make_opt(kind, model)
+            train(model, opt, batches, 0, SAVE_AT, rank, world)
+            save_checkpoint(os.path.join(out, f"dcp_two_{kind}"), model, opt)
+            model = sharded()
+            opt = make_opt(kind, model)
+            load_checkpoint(os.path.join(out, f"dcp_two_{kind}"), model, opt)
+            train(model, opt, batches, SAVE_AT, STEPS, rank, world)
+            save(f"resumed_{kind}", model)
+        else:
+            model = sharded()
+            opt = make_opt(kind, model)
+            load_checkpoint(os.path.join(out, f"dcp_one_{kind}"), model, opt)
+            train(model, opt, batches, SAVE_AT + 1, STEPS, rank, world)
+            save(f"reshard_{kind}", model)
+
+    if phase == "train":
+        try:
+            LoRAProAdamW(sharded(), shard_state=True)
+            meta["shard_state"] = "accepted"
+        except ValueError as e:
+            meta["shard_state"] = str(e)
+        hsdp = fully_shard_model(make_padded_model(), init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard")))  # HSDP: 2-D
+        try:
+            LoRAProAdamW(hsdp)
+            meta["hsdp"] = "accepted"
+        except ValueError as e:
+            meta["hsdp"] = str(e)
+        with open(os.path.join(out, f"meta_rank{rank}.json"), "w") as f:
+            json.dump(meta, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
