@@ -102,6 +102,10 @@ class TrainSection:
     )
     dataloader_workers: int = field(0, help="DataLoader worker processes")
     deepspeed: Optional[str] = field(None, help="path of a DeepSpeed JSON config (passed to the HF Trainer)")
+    fsdp: bool = field(
+        False, help="under torchrun / accelerate launch: shard the model with FSDP2 (fully_shard on every decoder "
+        "layer, via accelerate's FSDP2 plugin); LoRA-Pro state is sharded with it, checkpoints use DCP"
+    )
 
 
 @dataclass

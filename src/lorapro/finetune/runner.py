@@ -207,6 +207,8 @@ def _training_arguments(cfg: TrainConfig, out: Path, has_eval: bool) -> Any:
         use_cpu=world > 1 and not torch.cuda.is_available(),
         log_level="warning",
     )
+    if t.fsdp:
+        kw.update(_fsdp_arguments(world))
     mps = getattr(torch.backends, "mps", None)
     if t.bf16 and not torch.cuda.is_available() and not (mps is not None and mps.is_available()):
         kw["use_cpu"] = True  # the Trainer only allows bf16 autocast on CPU when told it runs on the CPU
@@ -222,6 +224,28 @@ def _training_arguments(cfg: TrainConfig, out: Path, has_eval: bool) -> Any:
     if "eval_strategy" not in names:  # transformers < 4.41
         kw["evaluation_strategy"] = kw.pop("eval_strategy")
     return TrainingArguments(**kw)
+
+
+def _fsdp_arguments(world: int) -> dict:
+    """TrainingArguments for ``train.fsdp``: accelerate's FSDP2 plugin, ``fully_shard`` on each block the model
+    names in ``_no_split_modules`` (decoder layers), then on the root; sharded (DCP) checkpoints."""
+    if world < 2:
+        raise ConfigError(
+            "train.fsdp=true shards the model across processes, but this is one process. Launch with torchrun "
+            "--nproc_per_node=N (or accelerate launch), or drop train.fsdp."
+        )
+    accel = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, ...
+    if not (accel.is_available() if accel is not None else torch.cuda.is_available()):
+        # accelerate turns FSDP on for accelerator backends only; on CPU the run would silently be DDP
+        raise ConfigError(
+            "train.fsdp=true needs GPUs: accelerate (which the Trainer uses) enables FSDP only on accelerators and "
+            "would run plain DDP on CPU. On CPU drop train.fsdp (DDP, optionally optim.shard_state=true), or call "
+            "torch.distributed.fsdp.fully_shard yourself and step LoRAProAdamW in your own loop (lorapro.fsdp)."
+        )
+    return dict(fsdp="full_shard", fsdp_config={
+        "fsdp_version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "reshard_after_forward": True,
+        "state_dict_type": "SHARDED_STATE_DICT", "cpu_ram_efficient_loading": False,
+    })
 
 
 def _accuracy(pred: Any) -> dict:

@@ -3,9 +3,9 @@
 The Trainer runs data parallel by itself under ``torchrun`` / ``accelerate launch`` (DDP: gradients are averaged
 before the optimizer step, so LoRA-Pro needs nothing extra). Two helpers cover the rest:
 
-* :func:`check_trainer_args` — refuses, before training starts, the backends LoRA-Pro cannot run under: FSDP
-  (``args.fsdp`` or ``accelerate launch --use_fsdp``; the factors are sharded as DTensors) and DeepSpeed configs
-  other than ZeRO stage 0 (see :mod:`lorapro.integrations.deepspeed`). Called by
+* :func:`check_trainer_args` — refuses, before training starts, the backends LoRA-Pro cannot run under: FSDP1
+  (``args.fsdp`` or ``accelerate launch --use_fsdp`` without ``fsdp_version: 2``; its flat parameters hide the
+  factors — FSDP2 is supported, :mod:`lorapro.fsdp`) and DeepSpeed configs other than ZeRO stage 0 (see :mod:`lorapro.integrations.deepspeed`). Called by
   :func:`lorapro.integrations.transformers.lorapro_optimizer_cls_and_kwargs`.
 * :class:`ConsolidateStateCallback` — with ``shard_state=True`` every rank holds only its pairs' state; the
   Trainer calls ``optimizer.state_dict()`` on rank 0 alone when it writes ``optimizer.pt``. The callback runs on
@@ -43,19 +43,19 @@ def _truthy(name: str) -> bool:
 
 
 def check_trainer_args(args: Any) -> None:
-    """Raise ``ValueError`` if ``TrainingArguments`` ask for a backend LoRA-Pro does not support (FSDP, ZeRO >= 1).
+    """Raise ``ValueError`` if ``TrainingArguments`` ask for a backend LoRA-Pro does not support (FSDP1, ZeRO >= 1).
 
-    Supported: single process, DDP (``torchrun`` / ``accelerate launch``), DeepSpeed ZeRO stage 0.
+    Supported: single process, DDP (``torchrun`` / ``accelerate launch``), FSDP2, DeepSpeed ZeRO stage 0.
     """
     from .deepspeed import check_deepspeed_config
 
     fsdp = getattr(args, "fsdp", None)
-    if fsdp or _truthy("ACCELERATE_USE_FSDP"):
+    if (fsdp or _truthy("ACCELERATE_USE_FSDP")) and _fsdp_version(args) != 2:
         raise ValueError(
-            f"FSDP is enabled ({'fsdp=' + repr(fsdp) if fsdp else 'ACCELERATE_USE_FSDP'}), but LoRA-Pro needs each "
-            "LoRA pair's whole A and B on the rank that steps it, and FSDP shards them. Use plain data parallel "
-            "(torchrun / accelerate launch without --use_fsdp) and, for large full-mode state, the optimizer option "
-            "shard_state=True; or DeepSpeed ZeRO stage 0."
+            f"FSDP1 is enabled ({'fsdp=' + repr(fsdp) if fsdp else 'ACCELERATE_USE_FSDP'}): its flat parameters hide "
+            "the LoRA factors that LoRA-Pro pairs. Use FSDP2 — fsdp_config={'fsdp_version': 2} in TrainingArguments, "
+            "fsdp_version: 2 in the accelerate config, or train.fsdp=true with lorapro train — or plain data "
+            "parallel with the optimizer option shard_state=True."
         )
     ds = getattr(args, "deepspeed", None)
     if ds:
@@ -69,6 +69,14 @@ def check_trainer_args(args: Any) -> None:
             check_deepspeed_config(json.loads(Path(config_file).read_text()))
         elif stage not in (None, "", "0"):
             check_deepspeed_config({"zero_optimization": {"stage": int(stage)}})
+
+
+def _fsdp_version(args: Any) -> int:
+    """The FSDP version the Trainer / accelerate will use: ``fsdp_config["fsdp_version"]`` or accelerate's
+    ``FSDP_VERSION`` environment variable; 1 (their default) when neither says."""
+    config = getattr(args, "fsdp_config", None) or {}
+    version = config.get("fsdp_version", config.get("version")) if isinstance(config, dict) else None
+    return int(version or os.environ.get("FSDP_VERSION", "1") or 1)
 
 
 try:  # the callback needs transformers; the rest of this module does not

@@ -33,8 +33,13 @@ What the Trainer does around the step, and why it is right for LoRA-Pro:
   :class:`lorapro.integrations.distributed.ConsolidateStateCallback` so checkpoints hold the complete state.
 * DeepSpeed: ZeRO stage 0 with this optimizer as DeepSpeed's client optimizer works (tested in
   ``tests/distributed``, see :mod:`lorapro.integrations.deepspeed`). ZeRO stages >= 1 flatten and partition the
-  parameters, so A and B are no longer visible as pairs to any optimizer, and FSDP shards them: both are refused
-  with a clear error when the optimizer is built (:func:`lorapro.integrations.distributed.check_trainer_args`).
+  parameters, so A and B are no longer visible as pairs to any optimizer; FSDP1's flat parameters hide them too:
+  both are refused with a clear error when the optimizer is built
+  (:func:`lorapro.integrations.distributed.check_trainer_args`).
+* FSDP2 (``fsdp_config={"fsdp_version": 2}``; ``lorapro train`` sets it with ``train.fsdp=true``): accelerate
+  shards the model and swaps the optimizer's parameters for the sharded DTensors in place, keeping the LoRA
+  groups' [A0, B0, ...] layout; LoRA-Pro steps them as in :mod:`lorapro.fsdp`, and checkpoints go through
+  torch's ``get_optimizer_state_dict`` / ``set_optimizer_state_dict``. accelerate enables FSDP on accelerators only.
 
 Weight decay: passing the model lets LoRA-Pro find every LoRA pair itself; ``args.weight_decay`` is then applied
 to all trainable parameters (the Trainer's no-decay group for biases/LayerNorm is not used). The paper's recipes
