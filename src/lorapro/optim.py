@@ -348,7 +348,7 @@ class _LoRAProBase(Optimizer):
         out = []
         for bucket in buckets.values():
             _, A, B, _ = bucket[0]
-            if A.device.type != "cpu":
+            if F.on_accelerator_path(A.device):
                 out.append(bucket)
                 continue
             packed_bytes = 2 * (A.numel() + B.numel()) * _work_dtype(A.dtype).itemsize
@@ -426,7 +426,7 @@ def _fused_adamw_ok(tensors: Sequence[torch.Tensor]) -> bool:
     t0 = tensors[0]
     return (
         _HAS_FUSED_CPU_ADAMW
-        and t0.device.type == "cpu"
+        and not F.on_accelerator_path(t0.device)
         and t0.dtype in (torch.float32, torch.float64)
         and all(t.dtype == t0.dtype and t.device == t0.device and t.is_contiguous() for t in tensors)
     )
@@ -611,7 +611,7 @@ class LoRAProAdamW(_LoRAProBase):
         A_w, B_w = grams.A, grams.B
         m, n = B0.shape[0], A0.shape[1]
         lo, hi = (0, m) if rows is None else (rows.lo, rows.hi)
-        blocks = A0.device.type == "cpu" and _cpu_blocks_pay_off()
+        blocks = not F.on_accelerator_path(A0.device) and _cpu_blocks_pay_off()
         block = max(1, min(m, _CPU_BLOCK_ELEMS // n)) if blocks else m
         scratch = torch.empty(block, n, dtype=wdt, device=A0.device)  # the only temporary of the m × n work
         uA = torch.zeros_like(A_w)
