@@ -6,6 +6,7 @@ Usage: worker_fsdp.py OUT_DIR PHASE
       bytes and refusals in OUT/meta_rank<r>.json.
   PHASE "reshard": resume from OUT/dcp_one_<kind> (written by one process at step SAVE_AT + 1) to the end
       (OUT/reshard_<kind>.pt).
+LORAPRO_TEST_DEVICE=cuda: NCCL on one GPU per rank (tests/test_cuda.py); default gloo on CPU.
 """
 
 import json
@@ -29,17 +30,20 @@ STEPS, SAVE_AT = 4, 2
 
 def main() -> None:
     out, phase = sys.argv[1], sys.argv[2]
-    dist.init_process_group("gloo")
+    device = os.environ.get("LORAPRO_TEST_DEVICE", "cpu")
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    mesh = init_device_mesh("cpu", (world,))
-    batches = global_batches(STEPS)
+    mesh = init_device_mesh(device, (world,))
+    batches = [(x.to(device), y.to(device)) for x, y in global_batches(STEPS)]
     meta = {}
 
     def sharded():
-        return fully_shard_model(make_padded_model(), mesh)
+        return fully_shard_model(make_padded_model().to(device), mesh)
 
     def save(name, model):
-        params = full_params(model)  # collective
+        params = {n: p.cpu() for n, p in full_params(model).items()}  # collective
         if rank == 0:
             torch.save(params, os.path.join(out, f"{name}.pt"))
 
@@ -75,7 +79,8 @@ def main() -> None:
             meta["shard_state"] = "accepted"
         except ValueError as e:
             meta["shard_state"] = str(e)
-        hsdp = fully_shard_model(make_padded_model(), init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard")))  # HSDP: 2-D
+        mesh_2d = init_device_mesh(device, (1, world), mesh_dim_names=("replicate", "shard"))
+        hsdp = fully_shard_model(make_padded_model().to(device), mesh_2d)  # HSDP: (Replicate, Shard(0)) placements
         try:
             LoRAProAdamW(hsdp)
             meta["hsdp"] = "accepted"
