@@ -228,7 +228,8 @@ def _training_arguments(cfg: TrainConfig, out: Path, has_eval: bool) -> Any:
 
 def _fsdp_arguments(world: int) -> dict:
     """TrainingArguments for ``train.fsdp``: accelerate's FSDP2 plugin, ``fully_shard`` on each block the model
-    names in ``_no_split_modules`` (decoder layers), then on the root; sharded (DCP) checkpoints."""
+    names in ``_no_split_modules`` (decoder layers), then on the root. Checkpoints and the final adapter are
+    gathered on rank 0 (FULL_STATE_DICT): with sharded ones the Trainer writes no adapter at the end."""
     if world < 2:
         raise ConfigError(
             "train.fsdp=true shards the model across processes, but this is one process. Launch with torchrun "
@@ -242,9 +243,12 @@ def _fsdp_arguments(world: int) -> dict:
             "would run plain DDP on CPU. On CPU drop train.fsdp (DDP, optionally optim.shard_state=true), or call "
             "torch.distributed.fsdp.fully_shard yourself and step LoRAProAdamW in your own loop (lorapro.fsdp)."
         )
-    return dict(fsdp="full_shard", fsdp_config={
+    import transformers
+
+    # transformers 5 takes fsdp=True (its strings are deprecated); 4.x takes the sharding strategy as a string
+    return dict(fsdp=True if int(transformers.__version__.split(".")[0]) >= 5 else "full_shard", fsdp_config={
         "fsdp_version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "reshard_after_forward": True,
-        "state_dict_type": "SHARDED_STATE_DICT", "cpu_ram_efficient_loading": False,
+        "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": False,
     })
 
 
