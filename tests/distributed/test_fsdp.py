@@ -32,11 +32,11 @@ def _single_process(kind, steps):
     model = make_padded_model()
     opt = make_opt(kind, model)
     train(model, opt, global_batches(STEPS), 0, steps)
-    return full_params(model), optimizer_state_bytes(opt)
+    return full_params(model), optimizer_state_bytes(opt), copy.deepcopy(opt.state_dict())
 
 
 def single_process(kind, steps=STEPS):
-    params, nbytes = _single_process(kind, steps)
+    params, nbytes, _ = _single_process(kind, steps)
     return copy.deepcopy(params), nbytes
 
 
@@ -59,6 +59,9 @@ def resume_on_one_process(out, kind):
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
+    for kind in KINDS:  # a plain (consolidated) checkpoint of one unsharded process at step SAVE_AT
+        params, _, sd = _single_process(kind, SAVE_AT)
+        torch.save({"model": params, "optim": sd}, out / f"one_process_{kind}.pt")
     torchrun([HERE / "worker_fsdp.py", out, "train"])
     one = {kind: resume_on_one_process(out, kind) for kind in KINDS}
     torchrun([HERE / "worker_fsdp.py", out, "reshard"])
@@ -88,6 +91,13 @@ def test_fsdp2_dcp_checkpoint_resume_equals_uninterrupted(fsdp_runs, kind):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("kind", KINDS)
+def test_fsdp2_loads_a_plain_one_process_state_dict(fsdp_runs, kind):
+    out, _, _ = fsdp_runs
+    assert_params_close(torch.load(out / f"from_plain_{kind}.pt", weights_only=True), single_process(kind)[0])
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("kind", KINDS)
 def test_fsdp2_checkpoint_reshards_two_to_one_to_two(fsdp_runs, kind):
     out, _, one = fsdp_runs
     assert_params_close(one[kind], single_process(kind, SAVE_AT + 1)[0])  # 2 -> 1, one step on one process
@@ -98,6 +108,7 @@ def test_fsdp2_checkpoint_reshards_two_to_one_to_two(fsdp_runs, kind):
 def test_fsdp2_full_mode_state_halves_per_rank(fsdp_runs):
     _, meta, _ = fsdp_runs
     single = single_process("full")[1]
+    print("full-mode state bytes per rank:", [m["bytes_full"] for m in meta], "one process:", single)
     for m in meta:
         assert m["bytes_full"] <= 0.6 * single, (m["bytes_full"], single)
     # the two ranks hold exactly one copy of every moment (rows 8 + 7 of each 15-row one, ...) plus their own

@@ -2,8 +2,9 @@
 
 Usage: worker_fsdp.py OUT_DIR PHASE
   PHASE "train": for every kind, an uninterrupted run (OUT/fsdp_<kind>.pt, written by rank 0), a DCP checkpoint at
-      step SAVE_AT (OUT/dcp_two_<kind>) and a resume from it on 2 processes (OUT/resumed_<kind>.pt); per-rank state
-      bytes and refusals in OUT/meta_rank<r>.json.
+      step SAVE_AT (OUT/dcp_two_<kind>) and a resume from it on 2 processes (OUT/resumed_<kind>.pt), a resume from
+      the plain torch.save checkpoint of one unsharded process (OUT/one_process_<kind>.pt -> OUT/from_plain_<kind>.pt);
+      per-rank state bytes and refusals in OUT/meta_rank<r>.json.
   PHASE "reshard": resume from OUT/dcp_one_<kind> (written by one process at step SAVE_AT + 1) to the end
       (OUT/reshard_<kind>.pt).
 LORAPRO_TEST_DEVICE=cuda: NCCL on one GPU per rank (tests/test_cuda.py); default gloo on CPU.
@@ -15,6 +16,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 
 from dist_toy import global_batches, make_opt, train
@@ -66,6 +68,16 @@ def main() -> None:
             load_checkpoint(os.path.join(out, f"dcp_two_{kind}"), model, opt)
             train(model, opt, batches, SAVE_AT, STEPS, rank, world)
             save(f"resumed_{kind}", model)
+
+            # optimizer.load_state_dict of a consolidated single-process state: each rank keeps its rows
+            ck = torch.load(os.path.join(out, f"one_process_{kind}.pt"), weights_only=True)
+            model = sharded()
+            set_model_state_dict(model, {k: v.to(device) for k, v in ck["model"].items()},
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
+            opt = make_opt(kind, model)
+            opt.load_state_dict(ck["optim"])
+            train(model, opt, batches, SAVE_AT, STEPS, rank, world)
+            save(f"from_plain_{kind}", model)
         else:
             model = sharded()
             opt = make_opt(kind, model)
