@@ -46,6 +46,9 @@ State layout and checkpoints
     ``optimizer.load_state_dict`` also accepts a consolidated single-process state dict (plain tensors): each rank
     keeps its rows of every state tensor.
 
+With FSDP2's ``CPUOffloadPolicy`` the shards live on the CPU; over NCCL the collectives here then go through the
+current GPU (untested: no GPU run has been made yet).
+
 What is refused: DTensors on meshes of more than one dimension (HSDP, tensor parallel) or sharded on another dim,
 and ``shard_state=True`` together with FSDP (the state is sharded already). Torch only.
 """
@@ -102,6 +105,14 @@ def _mesh_info(t: Tensor) -> Tuple[Any, Any, int, int]:
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+def _comm_device(group: Any, device: torch.device) -> torch.device:
+    """Where a collective's buffers must live: NCCL moves only CUDA tensors, so CPU shards (FSDP2's
+    ``CPUOffloadPolicy``) go through the current GPU; other backends use the tensors' own device."""
+    if device.type == "cpu" and str(dist.get_backend(group)) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def gather_rows(tensors: Sequence[Tensor]) -> List[Tensor]:
     """The full (global) tensors of DTensors sharded on dim 0 over one 1-D mesh, as plain tensors.
 
@@ -116,7 +127,8 @@ def gather_rows(tensors: Sequence[Tensor]) -> List[Tensor]:
     for i, t in enumerate(tensors):
         by_dtype.setdefault(t.dtype, []).append(i)
     for dtype, idx in by_dtype.items():
-        dev = tensors[idx[0]].to_local().device
+        local_dev = tensors[idx[0]].to_local().device
+        dev = _comm_device(group, local_dev)
         sizes = []  # per tensor: padded elements per rank, elements per row
         for i in idx:
             shape = tensors[i].shape
@@ -138,7 +150,7 @@ def gather_rows(tensors: Sequence[Tensor]) -> List[Tensor]:
             for k in range(world):
                 lo, hi = row_range(shape[0], k, world)
                 parts.append(recv[k, off: off + (hi - lo) * per_row])
-            out[i] = torch.cat(parts).view(shape)
+            out[i] = torch.cat(parts).view(shape).to(local_dev)
             off += size
     return out  # type: ignore[return-value]
 
@@ -178,6 +190,7 @@ class RowShard:
     def all_reduce_(self, tensors: Sequence[Tensor]) -> None:
         """Sum ``tensors`` over the ranks in place, in one flat all-reduce."""
         flat = torch.cat([t.reshape(-1) for t in tensors])
+        flat = flat.to(_comm_device(self.group, flat.device))
         dist.all_reduce(flat, group=self.group)
         off = 0
         for t in tensors:
@@ -209,7 +222,7 @@ def step_plain_group(opt: torch.optim.Optimizer, group: Dict[str, Any]) -> None:
                             for k, x in st.items()}
 
 
-def _zeros_like_grad(p: Tensor) -> Tensor:
+def _grad_or_zeros(p: Tensor) -> Tensor:
     return p.grad if p.grad is not None else torch.zeros_like(p)
 
 
@@ -227,7 +240,7 @@ def step_lora_bucket(opt: torch.optim.Optimizer, group: Dict[str, Any], bucket: 
     # Full mode keeps state on A only: its m × n moments, of which this rank holds rows [lo, hi) and never gathers.
     row_local = {id(a) for _, a, _, _ in bucket} if group.get("mode") == "full" else set()
     keys = [(t, k) for t in factors if id(t) not in row_local for k, x in opt.state.get(t, {}).items() if is_dtensor(x)]
-    gathered = gather_rows([*factors, *(_zeros_like_grad(t) for t in factors), *(opt.state[t][k] for t, k in keys)])
+    gathered = gather_rows([*factors, *(_grad_or_zeros(t) for t in factors), *(opt.state[t][k] for t, k in keys)])
     n = len(factors)
     proxy_of: Dict[int, Tensor] = {}
     for t, full, g in zip(factors, gathered[:n], gathered[n: 2 * n]):

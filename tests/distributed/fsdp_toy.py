@@ -10,28 +10,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dist_toy import LoRALinear
+from dist_toy import LoRALinear, ToyLoRA
 
 PADDED_DIMS = [(16, 15), (15, 16), (16, 16), (16, 16)]  # (in, out)
 RANK = 3
 
 
-class PaddedToy(nn.Module):
+class PaddedToy(ToyLoRA):
+    """ToyLoRA's forward over the layers above."""
+
     def __init__(self) -> None:
-        super().__init__()
+        nn.Module.__init__(self)
         self.layers = nn.ModuleList([LoRALinear(i, o, r=RANK, alpha=6.0) for i, o in PADDED_DIMS])
         self.head = nn.Linear(PADDED_DIMS[-1][1], 3, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = torch.tanh(layer(x))
-        return self.head(x)
-
 
 def make_padded_model(seed: int = 0) -> PaddedToy:
+    """Seeded, with B ~ N(0, 0.3²) (as dist_toy.make_model) so every term of the LoRA-Pro math is exercised."""
     torch.manual_seed(seed)
     model = PaddedToy()
-    with torch.no_grad():  # non-zero B so every term of the LoRA-Pro math is exercised from step 1
+    with torch.no_grad():
         for layer in model.layers:
             layer.lora_B["default"].weight.normal_(0, 0.3)
     return model
