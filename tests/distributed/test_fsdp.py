@@ -84,6 +84,14 @@ def test_fsdp2_matches_one_process(fsdp_runs, kind):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("kind", KINDS)
+def test_fsdp2_optimizer_built_before_sharding_with_parameters_swapped(fsdp_runs, kind):
+    # the order of accelerate's FSDP2 plugin (Trainer, train.fsdp): optimizer first, fully_shard, then a swap
+    out, _, _ = fsdp_runs
+    assert_params_close(torch.load(out / f"swapped_{kind}.pt", weights_only=True), single_process(kind)[0])
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("kind", KINDS)
 def test_fsdp2_dcp_checkpoint_resume_equals_uninterrupted(fsdp_runs, kind):
     out, _, _ = fsdp_runs
     assert_params_close(torch.load(out / f"resumed_{kind}.pt", weights_only=True), single_process(kind)[0])

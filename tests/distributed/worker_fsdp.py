@@ -3,7 +3,8 @@
 Usage: worker_fsdp.py OUT_DIR PHASE
   PHASE "train": for every kind, an uninterrupted run (OUT/fsdp_<kind>.pt, written by rank 0), a DCP checkpoint at
       step SAVE_AT (OUT/dcp_two_<kind>) and a resume from it on 2 processes (OUT/resumed_<kind>.pt), a resume from
-      the plain torch.save checkpoint of one unsharded process (OUT/one_process_<kind>.pt -> OUT/from_plain_<kind>.pt);
+      the plain torch.save checkpoint of one unsharded process (OUT/one_process_<kind>.pt -> OUT/from_plain_<kind>.pt),
+      an optimizer built before fully_shard whose parameters are swapped afterwards (OUT/swapped_<kind>.pt);
       per-rank state bytes and refusals in OUT/meta_rank<r>.json.
   PHASE "reshard": resume from OUT/dcp_one_<kind> (written by one process at step SAVE_AT + 1) to the end
       (OUT/reshard_<kind>.pt).
@@ -78,6 +79,18 @@ def main() -> None:
             opt.load_state_dict(ck["optim"])
             train(model, opt, batches, SAVE_AT, STEPS, rank, world)
             save(f"from_plain_{kind}", model)
+
+            # what accelerate's FSDP2 plugin does under the Trainer: the optimizer is built on the unsharded model,
+            # then fully_shard replaces the parameters and the param groups' entries are swapped for the DTensors
+            model = make_padded_model().to(device)
+            opt = make_opt(kind, model)
+            name_of = {id(p): n for n, p in model.named_parameters()}
+            fully_shard_model(model, mesh)
+            sharded_by_name = dict(model.named_parameters())
+            for g in opt.param_groups:
+                g["params"] = [sharded_by_name[name_of[id(p)]] for p in g["params"]]
+            train(model, opt, batches, 0, STEPS, rank, world)
+            save(f"swapped_{kind}", model)
         else:
             model = sharded()
             opt = make_opt(kind, model)
