@@ -213,13 +213,25 @@ def step_plain_group(opt: torch.optim.Optimizer, group: Dict[str, Any]) -> None:
     proxies = [_local_proxy(p) for p in params]
     for p, v in zip(params, proxies):
         if p in opt.state:
-            opt.state[v] = {k: (x.to_local() if is_dtensor(x) else x) for k, x in opt.state.pop(p).items()}
-    opt._step_plain_group({**group, "params": proxies})
-    for p, v in zip(params, proxies):
-        st = opt.state.pop(v, None)
-        if st:
-            opt.state[p] = {k: (wrap_rows(x, p.shape[0], p) if torch.is_tensor(x) and x.dim() > 0 else x)
-                            for k, x in st.items()}
+            opt.state[v] = _local_state(opt.state[p])
+    try:
+        opt._step_plain_group({**group, "params": proxies})
+        for p, v in zip(params, proxies):
+            if opt.state.get(v):
+                opt.state[p] = {k: (wrap_rows(x, p.shape[0], p) if _has_dims(x) else x)
+                                for k, x in opt.state[v].items()}
+    finally:  # the proxies' entries go, whatever happened; the parameters' own state stays
+        for v in proxies:
+            opt.state.pop(v, None)
+
+
+def _local_state(st: Dict[str, Any]) -> Dict[str, Any]:
+    """A parameter's state with every DTensor replaced by its local shard (the same storage)."""
+    return {k: (x.to_local() if is_dtensor(x) else x) for k, x in st.items()}
+
+
+def _has_dims(x: Any) -> bool:
+    return torch.is_tensor(x) and x.dim() > 0
 
 
 def _grad_or_zeros(p: Tensor) -> Tensor:
@@ -239,30 +251,33 @@ def step_lora_bucket(opt: torch.optim.Optimizer, group: Dict[str, Any], bucket: 
     lo, hi = row_range(m, rank, world)
     # Full mode keeps state on A only: its m × n moments, of which this rank holds rows [lo, hi) and never gathers.
     row_local = {id(a) for _, a, _, _ in bucket} if group.get("mode") == "full" else set()
-    keys = [(t, k) for t in factors if id(t) not in row_local for k, x in opt.state.get(t, {}).items() if is_dtensor(x)]
+    keys = [(t, k) for t in factors if id(t) not in row_local
+            for k, x in opt.state.get(t, {}).items() if is_dtensor(x)]
     gathered = gather_rows([*factors, *(_grad_or_zeros(t) for t in factors), *(opt.state[t][k] for t, k in keys)])
     n = len(factors)
     proxy_of: Dict[int, Tensor] = {}
-    for t, full, g in zip(factors, gathered[:n], gathered[n: 2 * n]):
-        full.grad = g
-        proxy_of[id(t)] = full
-        opt.state[full] = {k: (x.to_local() if is_dtensor(x) else x) for k, x in opt.state.pop(t, {}).items()}
-    for (t, k), full in zip(keys, gathered[2 * n:]):
-        opt.state[proxy_of[id(t)]][k] = full
-    proxies = [(j, proxy_of[id(a)], proxy_of[id(b)], s) for j, a, b, s in bucket]
-    if row_local:
-        opt._step_lora_bucket(group, proxies, rows=RowShard(lo, hi, pg))
-    else:
-        opt._step_lora_bucket(group, proxies)
-    for t in factors:
-        full = proxy_of[id(t)]
-        t_lo, t_hi = row_range(t.shape[0], rank, world)
-        t.to_local().copy_(full[t_lo:t_hi])
-        st = opt.state.pop(full, {})
-        if not st:
-            continue
-        wrap = (lambda x: wrap_rows(x, m, t)) if id(t) in row_local else (lambda x: shard_rows(x, t))
-        opt.state[t] = {k: (wrap(x) if torch.is_tensor(x) and x.dim() > 0 else x) for k, x in st.items()}
+    try:
+        for t, full, g in zip(factors, gathered[:n], gathered[n: 2 * n]):
+            full.grad = g
+            proxy_of[id(t)] = full
+            opt.state[full] = _local_state(opt.state.get(t, {}))
+        for (t, k), full in zip(keys, gathered[2 * n:]):
+            opt.state[proxy_of[id(t)]][k] = full
+        proxies = [(j, proxy_of[id(a)], proxy_of[id(b)], s) for j, a, b, s in bucket]
+        if row_local:
+            opt._step_lora_bucket(group, proxies, rows=RowShard(lo, hi, pg))
+        else:
+            opt._step_lora_bucket(group, proxies)
+        for t in factors:
+            full = proxy_of[id(t)]
+            t_lo, t_hi = row_range(t.shape[0], rank, world)
+            t.to_local().copy_(full[t_lo:t_hi])
+            wrap = (lambda x: wrap_rows(x, m, t)) if id(t) in row_local else (lambda x: shard_rows(x, t))
+            if opt.state.get(full):
+                opt.state[t] = {k: (wrap(x) if _has_dims(x) else x) for k, x in opt.state[full].items()}
+    finally:  # the proxies' entries go, whatever happened; the parameters' own state stays
+        for full in proxy_of.values():
+            opt.state.pop(full, None)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -582,7 +582,8 @@ class LoRAProAdamW(_LoRAProBase):
     # -- LoRA pairs ----------------------------------------------------------------------------------------------
 
     def _step_lora_bucket(self, group: Dict[str, Any], bucket: list, rows: Optional[_fsdp.RowShard] = None) -> None:
-        """``rows``: full mode under FSDP2 only — this rank's rows of the moments (:func:`lorapro.fsdp.step_lora_bucket`)."""
+        """One bucket of same-shape pairs. ``rows``: full mode under FSDP2 only, this rank's rows of the moments
+        (:func:`lorapro.fsdp.step_lora_bucket`)."""
         if group["mode"] == "factored" and group["first_moment"] == "lowrank":
             self._factored_lowrank(group, bucket)
             return

@@ -128,6 +128,13 @@ def test_fsdp2_full_mode_state_halves_per_rank(fsdp_runs):
 
 
 @pytest.mark.distributed
+def test_fsdp2_error_inside_the_step_keeps_the_state_on_the_parameters(fsdp_runs):
+    _, meta, _ = fsdp_runs
+    for m in meta:
+        assert m["error"] == "injected" and m["state_kept"] is True
+
+
+@pytest.mark.distributed
 def test_fsdp2_refusals_name_the_alternative(fsdp_runs):
     _, meta, _ = fsdp_runs
     for m in meta:

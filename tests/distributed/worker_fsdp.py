@@ -99,6 +99,23 @@ def main() -> None:
             save(f"reshard_{kind}", model)
 
     if phase == "train":
+        # an error inside the step (here: in the bucket step) leaves every parameter's state attached to it
+        model = sharded()
+        opt = make_opt("efficient", model)
+        train(model, opt, batches, 0, 1, rank, world)
+        before = {id(p): sorted(st) for p, st in opt.state.items()}
+
+        def fail(*args, **kwargs):
+            raise RuntimeError("injected")
+
+        opt._step_lora_bucket = fail
+        try:
+            train(model, opt, batches, 1, 2, rank, world)
+        except RuntimeError as e:
+            meta["error"] = str(e)
+        meta["state_kept"] = ({id(p): sorted(st) for p, st in opt.state.items()} == before
+                              and all(is_dtensor(p) for p in opt.state))
+
         try:
             LoRAProAdamW(sharded(), shard_state=True)
             meta["shard_state"] = "accepted"

@@ -5,8 +5,8 @@ before the optimizer step, so LoRA-Pro needs nothing extra). Two helpers cover t
 
 * :func:`check_trainer_args` — refuses, before training starts, the backends LoRA-Pro cannot run under: FSDP1
   (``args.fsdp`` or ``accelerate launch --use_fsdp`` without ``fsdp_version: 2``; its flat parameters hide the
-  factors — FSDP2 is supported, :mod:`lorapro.fsdp`) and DeepSpeed configs other than ZeRO stage 0 (see :mod:`lorapro.integrations.deepspeed`). Called by
-  :func:`lorapro.integrations.transformers.lorapro_optimizer_cls_and_kwargs`.
+  factors — FSDP2 is supported, :mod:`lorapro.fsdp`) and DeepSpeed configs other than ZeRO stage 0 (see
+  :mod:`lorapro.integrations.deepspeed`). Called by :func:`lorapro.integrations.transformers.lorapro_optimizer_cls_and_kwargs`.
 * :class:`ConsolidateStateCallback` — with ``shard_state=True`` every rank holds only its pairs' state; the
   Trainer calls ``optimizer.state_dict()`` on rank 0 alone when it writes ``optimizer.pt``. The callback runs on
   every rank just before each checkpoint (``on_step_end`` / ``on_epoch_end`` when ``control.should_save``, and on
