@@ -30,7 +30,9 @@ One step, per bucket of same-shape pairs (as the single-process step batches the
 
 State layout and checkpoints
     Every state tensor with at least one dimension is a DTensor ``Shard(0)`` on the parameter's mesh whose global
-    shape is the single-process shape (the ``step`` counters are plain 0-d tensors, replicated). So
+    shape is the single-process shape (the ``step`` counters are plain 0-d tensors, replicated). Every LoRA factor
+    has a state entry, empty for B in full and factored mode: torch's ``set_optimizer_state_dict`` wants one for
+    each trainable parameter. So
     ``torch.distributed.checkpoint`` saves the optimizer state the usual way and loads it into any world size,
     with or without FSDP (the global shapes are what it matches)::
 
@@ -207,21 +209,23 @@ def _local_proxy(p: Tensor) -> Tensor:
 
 
 def step_plain_group(opt: torch.optim.Optimizer, group: Dict[str, Any]) -> None:
-    """Step a plain (non-LoRA) param group of DTensor parameters: the elementwise update on the local shards, the
-    state kept as DTensors (``Shard(0)``, as the parameters)."""
+    """Step a plain (non-LoRA) param group with DTensor parameters: the elementwise update on the local shards, the
+    state kept as DTensors (``Shard(0)``, as the parameters). Plain tensors in the group (a module left out of
+    ``fully_shard``, replicated) are stepped as they are."""
     params = group["params"]
-    proxies = [_local_proxy(p) for p in params]
-    for p, v in zip(params, proxies):
+    sharded = [(p, _local_proxy(p)) for p in params if is_dtensor(p)]
+    for p, v in sharded:
         if p in opt.state:
             opt.state[v] = _local_state(opt.state[p])
     try:
-        opt._step_plain_group({**group, "params": proxies})
-        for p, v in zip(params, proxies):
+        proxy = {id(p): v for p, v in sharded}
+        opt._step_plain_group({**group, "params": [proxy.get(id(p), p) for p in params]})
+        for p, v in sharded:
             if opt.state.get(v):
                 opt.state[p] = {k: (wrap_rows(x, p.shape[0], p) if _has_dims(x) else x)
                                 for k, x in opt.state[v].items()}
     finally:  # the proxies' entries go, whatever happened; the parameters' own state stays
-        for v in proxies:
+        for _, v in sharded:
             opt.state.pop(v, None)
 
 

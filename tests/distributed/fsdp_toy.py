@@ -25,13 +25,15 @@ class PaddedToy(ToyLoRA):
         self.head = nn.Linear(PADDED_DIMS[-1][1], 3, bias=False)
 
 
-def make_padded_model(seed: int = 0) -> PaddedToy:
-    """Seeded, with B ~ N(0, 0.3²) (as dist_toy.make_model) so every term of the LoRA-Pro math is exercised."""
+def make_padded_model(seed: int = 0, train_biases: bool = False) -> PaddedToy:
+    """Seeded, with B ~ N(0, 0.3²) (as dist_toy.make_model) so every term of the LoRA-Pro math is exercised;
+    ``train_biases``: the base layers' biases trainable too (plain AdamW next to the head)."""
     torch.manual_seed(seed)
     model = PaddedToy()
     with torch.no_grad():
         for layer in model.layers:
             layer.lora_B["default"].weight.normal_(0, 0.3)
+            layer.base_layer.bias.requires_grad_(train_biases)
     return model
 
 

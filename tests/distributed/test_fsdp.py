@@ -92,6 +92,18 @@ def test_fsdp2_optimizer_built_before_sharding_with_parameters_swapped(fsdp_runs
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("kind", KINDS)
+def test_fsdp2_plain_group_mixing_sharded_and_plain_tensors(fsdp_runs, kind):
+    out, _, _ = fsdp_runs
+    model = make_padded_model(train_biases=True)
+    opt = make_opt(kind, model)
+    train(model, opt, global_batches(STEPS), 0, STEPS)
+    want = full_params(model)
+    assert any("bias" in n for n in want)
+    assert_params_close(torch.load(out / f"partial_{kind}.pt", weights_only=True), want)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("kind", KINDS)
 def test_fsdp2_dcp_checkpoint_resume_equals_uninterrupted(fsdp_runs, kind):
     out, _, _ = fsdp_runs
     assert_params_close(torch.load(out / f"resumed_{kind}.pt", weights_only=True), single_process(kind)[0])

@@ -4,7 +4,8 @@ Usage: worker_fsdp.py OUT_DIR PHASE
   PHASE "train": for every kind, an uninterrupted run (OUT/fsdp_<kind>.pt, written by rank 0), a DCP checkpoint at
       step SAVE_AT (OUT/dcp_two_<kind>) and a resume from it on 2 processes (OUT/resumed_<kind>.pt), a resume from
       the plain torch.save checkpoint of one unsharded process (OUT/one_process_<kind>.pt -> OUT/from_plain_<kind>.pt),
-      an optimizer built before fully_shard whose parameters are swapped afterwards (OUT/swapped_<kind>.pt);
+      an optimizer built before fully_shard whose parameters are swapped afterwards (OUT/swapped_<kind>.pt), a
+      model whose head is left out of fully_shard (OUT/partial_<kind>.pt);
       per-rank state bytes and refusals in OUT/meta_rank<r>.json.
   PHASE "reshard": resume from OUT/dcp_one_<kind> (written by one process at step SAVE_AT + 1) to the end
       (OUT/reshard_<kind>.pt).
@@ -19,8 +20,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 
-from dist_toy import global_batches, make_opt, train
+from dist_toy import global_batches, local_slice, make_opt, train
 from fsdp_toy import full_params, fully_shard_model, make_padded_model
 
 from lorapro import LoRAProAdamW
@@ -91,6 +93,21 @@ def main() -> None:
                 g["params"] = [sharded_by_name[name_of[id(p)]] for p in g["params"]]
             train(model, opt, batches, 0, STEPS, rank, world)
             save(f"swapped_{kind}", model)
+
+            # only the blocks sharded, biases trainable: one plain param group holds the biases (DTensors) and the
+            # head (a plain tensor, its gradient averaged by hand as DDP would)
+            model = make_padded_model(train_biases=True).to(device)
+            for layer in model.layers:
+                fully_shard(layer, mesh=mesh)
+            opt = make_opt(kind, model)
+            for step in range(STEPS):
+                x, y = local_slice(batches[step], rank, world)
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                dist.all_reduce(model.head.weight.grad)
+                model.head.weight.grad /= world
+                opt.step()
+            save(f"partial_{kind}", model)
         else:
             model = sharded()
             opt = make_opt(kind, model)
