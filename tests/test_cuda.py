@@ -106,14 +106,21 @@ def test_float64_gram_policy_on_the_gpu():
 
 
 @pytest.mark.distributed
-@pytest.mark.skipif(N_GPUS < 2, reason="FSDP2 over NCCL needs two GPUs")
 def test_fsdp2_over_nccl_matches_one_cpu_process(tmp_path, monkeypatch):
+    """Two GPUs: the sharded step over NCCL. One GPU: the same code with a world of one (NCCL collectives, DTensor
+    state, DCP), without the sharding."""
     from dist_launch import torchrun
     from dist_toy import global_batches, make_opt, train
     from fsdp_toy import full_params, make_padded_model
 
     monkeypatch.setenv("LORAPRO_TEST_DEVICE", "cuda")
-    torchrun([HERE / "distributed" / "worker_fsdp.py", tmp_path, "train"], timeout=300)
+    nproc = min(N_GPUS, 2)
+    for kind in ("full", "efficient", "factored", "sgd"):  # the worker resumes from these (see test_fsdp.py)
+        model = make_padded_model()
+        opt = make_opt(kind, model)
+        train(model, opt, global_batches(4), 0, 2)
+        torch.save({"model": full_params(model), "optim": opt.state_dict()}, tmp_path / f"one_process_{kind}.pt")
+    torchrun([HERE / "distributed" / "worker_fsdp.py", tmp_path, "train"], nproc=nproc, timeout=300)
     for kind in ("full", "efficient", "factored", "sgd"):
         model = make_padded_model()
         opt = make_opt(kind, model)
@@ -122,12 +129,14 @@ def test_fsdp2_over_nccl_matches_one_cpu_process(tmp_path, monkeypatch):
         want = full_params(model)
         for n in want:
             torch.testing.assert_close(got[n], want[n], **TOL, msg=lambda m: f"{kind} {n}: {m}")
-        resumed = torch.load(tmp_path / f"resumed_{kind}.pt", weights_only=True)
-        for n in want:
-            torch.testing.assert_close(resumed[n], want[n], **TOL, msg=lambda m: f"{kind} resumed {n}: {m}")
+        for name in ("resumed", "from_plain", "swapped"):
+            got = torch.load(tmp_path / f"{name}_{kind}.pt", weights_only=True)
+            for n in want:
+                torch.testing.assert_close(got[n], want[n], **TOL, msg=lambda m: f"{kind} {name} {n}: {m}")
     meta = json.loads((tmp_path / "meta_rank0.json").read_text())
+    assert meta["state_kept"] is True
     single = sum(2 * o * i * 4 for i, o in [(16, 15), (15, 16), (16, 16), (16, 16)])  # full-mode moments, fp32
-    assert meta["bytes_full"] < 0.6 * single
+    assert meta["bytes_full"] < (0.6 if nproc == 2 else 1.1) * single
 
 
 @pytest.mark.distributed
