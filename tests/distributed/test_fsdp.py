@@ -82,12 +82,20 @@ def test_fsdp2_matches_one_process(fsdp_runs, kind):
         assert all(s.endswith(":DTensor") or s.startswith("step:") for s in m[f"state_kinds_{kind}"]), m
 
 
+# Runs of the worker that must end where the uninterrupted one-process run ends (OUT/<variant>_<kind>.pt).
+VARIANTS = {
+    "resumed": "DCP checkpoint at step 2 on 2 processes, resumed on 2 processes (resume == uninterrupted)",
+    "from_plain": "optimizer.load_state_dict of one unsharded process's torch.save state: each rank keeps its rows",
+    "swapped": "optimizer built before fully_shard, parameters swapped for the DTensors (accelerate's FSDP2 order)",
+}
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("kind", KINDS)
-def test_fsdp2_optimizer_built_before_sharding_with_parameters_swapped(fsdp_runs, kind):
-    # the order of accelerate's FSDP2 plugin (Trainer, train.fsdp): optimizer first, fully_shard, then a swap
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fsdp2_runs_end_where_one_process_ends(fsdp_runs, variant, kind):
     out, _, _ = fsdp_runs
-    assert_params_close(torch.load(out / f"swapped_{kind}.pt", weights_only=True), single_process(kind)[0])
+    assert_params_close(torch.load(out / f"{variant}_{kind}.pt", weights_only=True), single_process(kind)[0])
 
 
 @pytest.mark.distributed
@@ -100,20 +108,6 @@ def test_fsdp2_plain_group_mixing_sharded_and_plain_tensors(fsdp_runs, kind):
     want = full_params(model)
     assert any("bias" in n for n in want)
     assert_params_close(torch.load(out / f"partial_{kind}.pt", weights_only=True), want)
-
-
-@pytest.mark.distributed
-@pytest.mark.parametrize("kind", KINDS)
-def test_fsdp2_dcp_checkpoint_resume_equals_uninterrupted(fsdp_runs, kind):
-    out, _, _ = fsdp_runs
-    assert_params_close(torch.load(out / f"resumed_{kind}.pt", weights_only=True), single_process(kind)[0])
-
-
-@pytest.mark.distributed
-@pytest.mark.parametrize("kind", KINDS)
-def test_fsdp2_loads_a_plain_one_process_state_dict(fsdp_runs, kind):
-    out, _, _ = fsdp_runs
-    assert_params_close(torch.load(out / f"from_plain_{kind}.pt", weights_only=True), single_process(kind)[0])
 
 
 @pytest.mark.distributed
