@@ -85,3 +85,21 @@ def test_every_mode_on_the_accelerator_path_matches_the_cpu_path(cls, kw, monkey
     for a, b in zip(cpu, accel):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert not torch.equal(cpu[0], _toy_pairs(f64)[0][0])
+
+
+def test_reference_tests_pass_on_the_accelerator_path():
+    """The step-by-step reference tests (optimizer vs the float64 spec, factored mode, the math, full mode's row
+    blocks) rerun with every CPU tensor on the accelerator branches (LORAPRO_ACCELERATOR_PATH=1, read at import,
+    hence a fresh process). test_fast_paths.py is left out: it asserts the CPU branches' own choices."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    files = ["test_optim.py", "test_factored.py", "test_math.py", "test_full_mode_blocks.py"]
+    env = dict(os.environ, LORAPRO_ACCELERATOR_PATH="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
+                           *(str(here / f) for f in files)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout
