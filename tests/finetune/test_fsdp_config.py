@@ -23,7 +23,7 @@ def test_fsdp_arguments_select_fsdp2_on_accelerators(monkeypatch):
     monkeypatch.setattr(torch, "accelerator", _Available(True), raising=False)
     kw = _fsdp_arguments(world=8)
     assert kw["fsdp"] in (True, "full_shard")
-    assert kw["fsdp_config"]["state_dict_type"] == "FULL_STATE_DICT"  # else the Trainer saves no final adapter
+    assert kw["fsdp_config"]["state_dict_type"] == "SHARDED_STATE_DICT"  # DCP checkpoints
     assert kw["fsdp_config"]["fsdp_version"] == 2  # FSDP1 would hide the LoRA factors in flat parameters
     assert kw["fsdp_config"]["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
     from lorapro.integrations.distributed import check_trainer_args
