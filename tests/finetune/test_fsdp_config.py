@@ -1,7 +1,7 @@
 """``train.fsdp``: the TrainingArguments that turn on accelerate's FSDP2 plugin, and the runs it refuses.
 
-The run itself needs GPUs (accelerate enables FSDP on accelerators only): tests/test_cuda.py runs it under
-scripts/gpu_check.sh on a machine with two or more.
+The run itself needs GPUs (accelerate enables FSDP on accelerators only): tests/distributed/test_train_fsdp.py runs
+it on CPU with that check flipped, tests/test_cuda.py on two or more GPUs (scripts/gpu_check.sh).
 """
 
 import pytest
