@@ -35,9 +35,13 @@ Checkpoints (world-size independent)
     Cost: consolidation moves every pair's state into host memory on rank ``to`` (one point-to-point transfer
     per state tensor); loading reads the whole file on every rank, then keeps the owned pairs.
 
+FSDP2 (``fully_shard``)
+    Supported without ``shard_state``: the factors are DTensors sharded by rows and the step gathers what it needs
+    (:mod:`lorapro.fsdp`).
+
 What is refused
-    Parameters that are DTensors (FSDP2 ``fully_shard``, tensor parallel) and FSDP1-wrapped models: LoRA-Pro needs
-    whole A and B on the rank that steps them. Engines that replace the optimizer's parameters by flat buffers
+    FSDP1-wrapped models (flat parameters), DTensors that are not laid out by ``fully_shard`` on a 1-D mesh (tensor
+    parallel, HSDP) and ``shard_state=True`` with FSDP2. Engines that replace the optimizer's parameters by flat buffers
     (DeepSpeed ZeRO-1/2/3, fused fp16/bf16 optimizers) are detected at the next step; under ZeRO,
     ``lorapro.integrations.deepspeed.DeepSpeedLoRAProAdamW`` reassembles the pairs from the partitions.
 """
@@ -67,8 +71,8 @@ PLACEHOLDER_KEY = "lorapro_state_consolidated_on_rank"
 
 SUPPORTED = (
     "Supported multi-process setups: DDP (torchrun / accelerate launch / the Hugging Face Trainer), optionally with "
-    "LoRAProAdamW(..., shard_state=True) to split the LoRA-Pro state across ranks, and DeepSpeed ZeRO stage 0 "
-    "(see lorapro.integrations.deepspeed)."
+    "LoRAProAdamW(..., shard_state=True) to split the LoRA-Pro state across ranks, FSDP2 (fully_shard on a 1-D "
+    "mesh, without shard_state) and DeepSpeed ZeRO stage 0 (see lorapro.integrations.deepspeed)."
 )
 
 
@@ -103,8 +107,11 @@ def partition_by_cost(costs: Sequence[int], world_size: int) -> List[int]:
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of all tensors in ``optimizer.state`` on this rank (LoRA-Pro moments, plain AdamW moments, steps)."""
+    from .fsdp import is_dtensor
+
     return sum(
-        v.numel() * v.element_size() for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)
+        (v.to_local() if is_dtensor(v) else v).numel() * v.element_size()  # a DTensor: this rank's shard
+        for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)
     )
 
 
@@ -120,50 +127,43 @@ def _is_fsdp1(module: nn.Module) -> bool:
     return isinstance(module, FullyShardedDataParallel)
 
 
-def _is_fsdp2(module: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - older torch
-        return False
-    return isinstance(module, FSDPModule)
-
-
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The model inside DDP / DataParallel / a DeepSpeed engine (so pairs get the same names as unwrapped).
 
+    FSDP2 (``fully_shard``) modules are the model itself: their parameters are DTensors, see :mod:`lorapro.fsdp`.
+
     Raises:
-        ValueError: the model (or a submodule) is sharded by FSDP1 or FSDP2, which LoRA-Pro does not support.
+        ValueError: the model (or a submodule) is wrapped by FSDP1, which LoRA-Pro does not support.
     """
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or (
         type(model).__name__ == "DeepSpeedEngine" and isinstance(getattr(model, "module", None), nn.Module)
     ):
         model = model.module
     for name, module in model.named_modules():
-        if _is_fsdp1(module) or _is_fsdp2(module):
+        if _is_fsdp1(module):
             raise ValueError(
-                f"{name or 'the model'} is sharded by FSDP ({type(module).__name__}). LoRA-Pro needs each LoRA "
-                "pair's whole A and B on the rank that steps it, which FSDP's parameter sharding does not give. "
-                + SUPPORTED
+                f"{name or 'the model'} is wrapped by FSDP1 ({type(module).__name__}), whose flat parameters hide "
+                "the LoRA factors LoRA-Pro pairs. Use FSDP2 instead: torch.distributed.fsdp.fully_shard (with "
+                "accelerate: fsdp_version: 2). " + SUPPORTED
             )
     return model
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - older torch
-        return False
-    return isinstance(t, DTensor)
+def check_params_supported(param_groups: Iterable[Dict[str, Any]], shard_state: bool = False) -> None:
+    """Accept DTensor parameters laid out by FSDP2's ``fully_shard``; refuse other layouts (tensor parallel,
+    HSDP) and ``shard_state=True`` with them, with a message naming what works."""
+    from .fsdp import check_param, is_dtensor
 
-
-def check_params_supported(param_groups: Iterable[Dict[str, Any]]) -> None:
-    """Refuse DTensor parameters (FSDP2 ``fully_shard``, tensor parallel) with a message naming what works."""
-    for group in param_groups:
-        if any(_is_dtensor(p) for p in group["params"]):
-            raise ValueError(
-                "The optimizer got DTensor parameters (FSDP2 fully_shard or tensor parallel). LoRA-Pro needs whole "
-                "A and B factors; their r x r Gram matrices are not assembled from shards. " + SUPPORTED
-            )
+    for gi, group in enumerate(param_groups):
+        for p in group["params"]:
+            if not is_dtensor(p):
+                continue
+            check_param(p, f"A parameter of param group {gi}")
+            if shard_state:
+                raise ValueError(
+                    "shard_state=True with FSDP2 (DTensor parameters): FSDP2 already shards the LoRA-Pro state with "
+                    "the parameters. Drop shard_state."
+                )
 
 
 def check_lora_group_intact(group: Dict[str, Any]) -> None:

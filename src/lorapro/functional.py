@@ -50,13 +50,17 @@ Implementation choices (all tested against :mod:`lorapro.reference`):
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 
 __all__ = [
     "X_SOLUTIONS",
+    "on_accelerator_path",
+    "accelerator_path",
     "GramInverses",
     "Workspace",
     "fresh",
@@ -87,6 +91,30 @@ Tensors = Union[Tensor, Sequence[Tensor]]
 # can reuse it across steps (the optimizers keep a few MiB of such buffers: freeing and re-allocating them every step
 # can make glibc return the memory to the OS and fault it in again, which cost up to half of a step on our CPU).
 Workspace = Callable[[str, Tuple[int, ...], torch.dtype, torch.device], Tensor]
+
+
+# The step has branches for accelerators (float64 Gram matrices with no host synchronisation, no CPU chunking or
+# row blocks, foreach instead of the fused CPU AdamW kernel, direct tall products). ``accelerator_path()`` (or
+# LORAPRO_ACCELERATOR_PATH=1 in the environment) makes CPU tensors take them too, so that their logic is tested on
+# machines without a GPU; it changes which branch runs, never what a branch computes.
+_FORCE_ACCELERATOR_PATH = os.environ.get("LORAPRO_ACCELERATOR_PATH", "").strip() == "1"
+
+
+def on_accelerator_path(device: torch.device) -> bool:
+    """Whether tensors on ``device`` take the accelerator branches: any device but the CPU, and the CPU as well
+    inside :func:`accelerator_path`."""
+    return device.type != "cpu" or _FORCE_ACCELERATOR_PATH
+
+
+@contextmanager
+def accelerator_path(enabled: bool = True) -> Iterator[None]:
+    """Within this block CPU tensors take the optimizers' accelerator branches (for tests; not thread-safe)."""
+    global _FORCE_ACCELERATOR_PATH
+    before, _FORCE_ACCELERATOR_PATH = _FORCE_ACCELERATOR_PATH, enabled
+    try:
+        yield
+    finally:
+        _FORCE_ACCELERATOR_PATH = before
 
 
 def fresh(name: str, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -229,7 +257,7 @@ def gram_inverses_for(
     f64 = torch.float64
     if A.dtype == f64:
         return gram_inverses(A, B, delta, f64, AAt=AAt, BtB=BtB)
-    if A.device.type != "cpu":
+    if on_accelerator_path(A.device):
         return gram_inverses(A, B, delta, f64)
     grams = gram_inverses(A, B, delta, f64, AAt=AAt.to(f64), BtB=BtB.to(f64))
     return refine_ill_conditioned(grams, delta, max_cond_fp32)
@@ -279,7 +307,7 @@ def tall_mm(P: Tensor, W: Tensor, contiguous: bool = True, workspace: Workspace 
     transposed intermediate) are ``workspace`` buffers named after ``name``.
     """
     L, m, q = P.shape[0], P.shape[-2], W.shape[-1]
-    if P.device.type != "cpu" or q >= 16:
+    if on_accelerator_path(P.device) or q >= 16:
         return torch.matmul(P, W, out=workspace(name, (L, m, q), P.dtype, P.device))
     out_t = torch.matmul(W.transpose(-1, -2), P.transpose(-1, -2), out=workspace(name + "_t", (L, q, m), P.dtype, P.device))
     if not contiguous:

@@ -25,6 +25,7 @@ from torch.optim import Optimizer
 
 from . import factored as FF
 from . import distributed as _dist
+from . import fsdp as _fsdp
 from . import functional as F
 from .pairing import LoRAPair, check_one_adapter_per_layer, check_pair, check_trainable_halves, lora_pairs
 
@@ -88,7 +89,7 @@ def build_param_groups(params: ParamsT, model: Optional[nn.Module] = None, *, re
     Refused: a pair with exactly one trainable half, and several trainable adapters on one layer.
     """
     if model is not None:
-        model = _dist.unwrap_model(model)  # DDP / DeepSpeed engine -> the model; FSDP is refused
+        model = _dist.unwrap_model(model)  # DDP / DeepSpeed engine -> the model; FSDP1 is refused
     if isinstance(params, nn.Module):
         params = _dist.unwrap_model(params)
         if model is not None and model is not params:
@@ -215,7 +216,7 @@ class _LoRAProBase(Optimizer):
         known = params if isinstance(params, nn.Module) else model
         self._model_ref = weakref.ref(_dist.unwrap_model(known)) if known is not None else None
         super().__init__(build_param_groups(params, model), defaults)
-        _dist.check_params_supported(self.param_groups)
+        _dist.check_params_supported(self.param_groups, shard_state)
         # shard_state=True: each rank keeps the state of the LoRA pairs it owns (lorapro.distributed)
         self._sharding = _dist.StateSharding(self) if shard_state else None
         self._scratch: Dict[Tuple[Any, ...], torch.Tensor] = {}  # see _workspace
@@ -292,7 +293,17 @@ class _LoRAProBase(Optimizer):
                 if self._sharding is not None:
                     pairs = self._sharding.owned(pairs)
                 for bucket in self._buckets(pairs):
-                    self._step_lora_bucket(group, bucket)
+                    if _fsdp.is_dtensor(bucket[0][1]):  # FSDP2: factors sharded by rows (lorapro.fsdp)
+                        _fsdp.step_lora_bucket(self, group, bucket)
+                    else:
+                        self._step_lora_bucket(group, bucket)
+                    for _, a, b, _ in bucket:
+                        # a state entry for every factor, empty where a mode keeps none (B in full / factored mode):
+                        # torch.distributed.checkpoint's set_optimizer_state_dict requires one per trainable parameter
+                        self.state.setdefault(a, {})
+                        self.state.setdefault(b, {})
+            elif any(_fsdp.is_dtensor(p) for p in group["params"]):
+                _fsdp.step_plain_group(self, group)
             else:
                 self._step_plain_group(group)
         if self._sharding is not None:
@@ -407,6 +418,8 @@ class _LoRAProBase(Optimizer):
                 k: (v.detach().to(device=p.device if k != "step" else v.device).clone() if torch.is_tensor(v) else v)
                 for k, v in st.items()
             }
+            if _fsdp.is_dtensor(p):  # a consolidated state loaded under FSDP2: keep this rank's rows
+                self.state[p] = {k: _fsdp.to_local_state(v, p) for k, v in self.state[p].items()}
         if self._sharding is not None:  # each rank now holds only its own pairs' part of the loaded state
             self._sharding.loaded(any(id(id_to_param[pid]) in self._sharding.owner_of for pid in saved_state))
 
@@ -432,11 +445,11 @@ class _LoRAProBase(Optimizer):
         buckets: Dict[Any, list] = defaultdict(list)
         for item in pairs:
             _, A, B, _ = item
-            buckets[(B.shape[0], A.shape[1], A.shape[0], A.dtype, A.device)].append(item)
+            buckets[(B.shape[0], A.shape[1], A.shape[0], A.dtype, A.device, _fsdp.is_dtensor(A))].append(item)
         out = []
         for bucket in buckets.values():
             _, A, B, _ = bucket[0]
-            if A.device.type != "cpu":
+            if F.on_accelerator_path(A.device):
                 out.append(bucket)
                 continue
             packed_bytes = 2 * (A.numel() + B.numel()) * _work_dtype(A.dtype).itemsize
@@ -514,7 +527,7 @@ def _fused_adamw_ok(tensors: Sequence[torch.Tensor]) -> bool:
     t0 = tensors[0]
     return (
         _HAS_FUSED_CPU_ADAMW
-        and t0.device.type == "cpu"
+        and not F.on_accelerator_path(t0.device)
         and t0.dtype in (torch.float32, torch.float64)
         and all(t.dtype == t0.dtype and t.device == t0.device and t.is_contiguous() for t in tensors)
     )
@@ -672,7 +685,9 @@ class LoRAProAdamW(_LoRAProBase):
 
     # -- LoRA pairs ----------------------------------------------------------------------------------------------
 
-    def _step_lora_bucket(self, group: Dict[str, Any], bucket: list) -> None:
+    def _step_lora_bucket(self, group: Dict[str, Any], bucket: list, rows: Optional[_fsdp.RowShard] = None) -> None:
+        """One bucket of same-shape pairs. ``rows``: full mode under FSDP2 only, this rank's rows of the moments
+        (:func:`lorapro.fsdp.step_lora_bucket`)."""
         if group["mode"] == "factored" and group["first_moment"] == "lowrank":
             self._factored_lowrank(group, bucket)
             return
@@ -687,34 +702,38 @@ class LoRAProAdamW(_LoRAProBase):
         if group["mode"] == "factored":
             self._factored_factor(group, bucket, grams, left, right, s)
         else:
-            self._full(group, bucket, grams, left, right, s)
+            self._full(group, bucket, grams, left, right, s, rows)
 
     def _full(self, group: Dict[str, Any], bucket: list, grams: F.GramInverses, left: torch.Tensor,
-              right: torch.Tensor, s: torch.Tensor) -> None:
+              right: torch.Tensor, s: torch.Tensor, rows: Optional[_fsdp.RowShard] = None) -> None:
+        """Full mode. With ``rows`` (FSDP2), the moments hold rows [lo, hi) of the m × n ones; only those rows of
+        g̃ and D are formed, and u_A = s·Bᵀ·D (a sum over rows) and the rows of u_B = s·D·Aᵀ are summed over the
+        ranks in one all-reduce."""
         beta1, beta2 = group["betas"]
         eps = group["eps"]
         _, A0, B0, _ = bucket[0]
         wdt = _work_dtype(A0.dtype)
         A_w, B_w = grams.A, grams.B
         m, n = B0.shape[0], A0.shape[1]
-        blocks = A0.device.type == "cpu" and _cpu_blocks_pay_off()
-        rows = max(1, min(m, _CPU_BLOCK_ELEMS // n)) if blocks else m
-        scratch = torch.empty(rows, n, dtype=wdt, device=A0.device)  # the only temporary of the m × n work
+        lo, hi = (0, m) if rows is None else (rows.lo, rows.hi)
+        blocks = not F.on_accelerator_path(A0.device) and _cpu_blocks_pay_off()
+        block = max(1, min(m, _CPU_BLOCK_ELEMS // n)) if blocks else m
+        scratch = torch.empty(block, n, dtype=wdt, device=A0.device)  # the only temporary of the m × n work
         uA = torch.zeros_like(A_w)
-        uB = torch.empty_like(B_w)
+        uB = torch.empty_like(B_w) if rows is None else torch.zeros_like(B_w)
         step_size = torch.empty(len(bucket), dtype=torch.float64)
         for i, (_, a, _, _) in enumerate(bucket):
             st = self.state[a]
             if "exp_avg" not in st:
                 sdt = self._state_dtype_for(a)
-                st["exp_avg"] = torch.zeros(m, n, dtype=sdt, device=a.device)
-                st["exp_avg_sq"] = torch.zeros(m, n, dtype=sdt, device=a.device)
+                st["exp_avg"] = torch.zeros(hi - lo, n, dtype=sdt, device=a.device)
+                st["exp_avg_sq"] = torch.zeros(hi - lo, n, dtype=sdt, device=a.device)
             t = _new_step(st)
             bc1, bc2_sqrt = 1.0 - beta1**t, (1.0 - beta2**t) ** 0.5
-            for r0 in range(0, m, rows):  # one block of rows of g̃, m, v and D at a time
-                r1 = min(m, r0 + rows)
+            for r0 in range(lo, hi, block):  # one block of rows of g̃, m, v and D at a time
+                r1 = min(hi, r0 + block)
                 buf = scratch[: r1 - r0]
-                exp_avg, exp_avg_sq = st["exp_avg"][r0:r1], st["exp_avg_sq"][r0:r1]
+                exp_avg, exp_avg_sq = st["exp_avg"][r0 - lo:r1 - lo], st["exp_avg_sq"][r0 - lo:r1 - lo]
                 torch.matmul(left[i, r0:r1], right[i], out=buf)  # g̃
                 g = buf if exp_avg.dtype == wdt else buf.to(exp_avg.dtype)
                 exp_avg.lerp_(g, 1.0 - beta1)
@@ -726,6 +745,8 @@ class LoRAProAdamW(_LoRAProBase):
                 uA[i].addmm_(B_w[i, r0:r1].T, buf)
                 torch.matmul(buf, A_w[i].T, out=uB[i, r0:r1])
             step_size[i] = group["lr"] * bc2_sqrt / bc1
+        if rows is not None:
+            rows.all_reduce_([uA, uB])
         sc = s.to(wdt).view(-1, 1, 1)
         hA, hB = F.adjusted_gradients(grams, uA.mul_(sc), uB.mul_(sc), s, group["x_solution"])
         self._apply(bucket, grams.A, grams.B, hA, hB, step_size, group["lr"], group["weight_decay"])

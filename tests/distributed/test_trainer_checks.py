@@ -1,4 +1,5 @@
-"""The Trainer path refuses FSDP and the DeepSpeed configs LoRA-Pro cannot run under, and picks the ZeRO optimizer\nfor ZeRO stage 1-3 (no processes)."""
+"""The Trainer path refuses FSDP1 and the DeepSpeed configs LoRA-Pro cannot run under, accepts FSDP2, and picks the
+ZeRO optimizer for ZeRO stage 1-3 (no processes)."""
 
 from types import SimpleNamespace
 
@@ -64,11 +65,23 @@ def test_a_deepspeed_optimizer_section_is_refused(tmp_path):
 
 
 def test_fsdp_is_refused_from_args_and_from_accelerate_launch(monkeypatch):
+    monkeypatch.delenv("FSDP_VERSION", raising=False)
     with pytest.raises(ValueError, match="FSDP.*shard_state=True"):
         check_trainer_args(args(fsdp=["full_shard", "auto_wrap"]))
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ValueError, match="ACCELERATE_USE_FSDP"):
         check_trainer_args(args())
+
+
+def test_fsdp2_is_accepted_fsdp1_names_fsdp2(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.delenv("FSDP_VERSION", raising=False)
+    check_trainer_args(args(fsdp="full_shard", fsdp_config={"fsdp_version": 2}))
+    with pytest.raises(ValueError, match="FSDP1.*fsdp_version': 2"):
+        check_trainer_args(args(fsdp="full_shard", fsdp_config={"fsdp_version": 1}))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # accelerate launch --use_fsdp --fsdp_version 2
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    check_trainer_args(args())
 
 
 def test_accelerate_launch_deepspeed_stage_from_environment(monkeypatch, tmp_path):

@@ -112,26 +112,6 @@ def main() -> None:
     train(model, opt, batches, SAVE_AT, SAVE_AT + 1, rank, world)
     save_consolidated("ckpt_load_step_save", model, opt)
 
-    # FSDP2 is refused with a clear error, whether given the model or its (DTensor) factors
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    from lorapro import LoRAProAdamW
-
-    mesh = init_device_mesh("cpu", (world,))
-    model = make_model()
-    for layer in model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    for what, params in (("fsdp2_model", model),
-                         ("fsdp2_params", [{"lora_pairs": [(m.lora_A["default"].weight, m.lora_B["default"].weight,
-                                                             m.scaling["default"]) for m in model.layers]}])):
-        try:
-            LoRAProAdamW(params)
-            meta[what] = "accepted"
-        except ValueError as e:
-            meta[what] = str(e)
-
     with open(os.path.join(out, f"meta_rank{rank}.json"), "w") as f:
         json.dump(meta, f)
     dist.destroy_process_group()

@@ -118,6 +118,10 @@ class TrainSection:
     report_to: Literal["none", "tensorboard", "wandb"] = field(
         "none", help="also send the logs to TensorBoard (output_dir/tensorboard) or Weights & Biases, if installed"
     )
+    fsdp: bool = field(
+        False, help="under torchrun / accelerate launch: shard the model with FSDP2 (fully_shard on every decoder "
+        "layer, via accelerate's FSDP2 plugin); LoRA-Pro state is sharded with it, checkpoints use DCP"
+    )
 
 
 @dataclass

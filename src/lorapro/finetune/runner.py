@@ -320,6 +320,8 @@ def _training_arguments(cfg: TrainConfig, out: Path, has_eval: bool) -> Any:
         use_cpu=world > 1 and not torch.cuda.is_available(),
         log_level="warning",
     )
+    if t.fsdp:
+        kw.update(_fsdp_arguments(world))
     mps = getattr(torch.backends, "mps", None)
     if t.bf16 and not torch.cuda.is_available() and not (mps is not None and mps.is_available()):
         kw["use_cpu"] = True  # the Trainer only allows bf16 autocast on CPU when told it runs on the CPU
@@ -335,6 +337,45 @@ def _training_arguments(cfg: TrainConfig, out: Path, has_eval: bool) -> Any:
     if "eval_strategy" not in names:  # transformers < 4.41
         kw["evaluation_strategy"] = kw.pop("eval_strategy")
     return TrainingArguments(**kw)
+
+
+def _fsdp_arguments(world: int) -> dict:
+    """TrainingArguments for ``train.fsdp``: accelerate's FSDP2 plugin, ``fully_shard`` on each block the model
+    names in ``_no_split_modules`` (decoder layers), then on the root. Checkpoints are sharded DCP directories
+    (``torch.distributed.checkpoint``: every rank writes its shards, resume on the same world size); the Trainer
+    then writes no final adapter, which :func:`_save_sharded_adapter` does."""
+    if world < 2:
+        raise ConfigError(
+            "train.fsdp=true shards the model across processes, but this is one process. Launch with torchrun "
+            "--nproc_per_node=N (or accelerate launch), or drop train.fsdp."
+        )
+    accel = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, ...
+    if not (accel.is_available() if accel is not None else torch.cuda.is_available()):
+        # accelerate turns FSDP on for accelerator backends only; on CPU the run would silently be DDP
+        raise ConfigError(
+            "train.fsdp=true needs GPUs: accelerate (which the Trainer uses) enables FSDP only on accelerators and "
+            "would run plain DDP on CPU. On CPU drop train.fsdp (DDP, optionally optim.shard_state=true), or call "
+            "torch.distributed.fsdp.fully_shard yourself and step LoRAProAdamW in your own loop (lorapro.fsdp)."
+        )
+    import transformers
+
+    # transformers 5 takes fsdp=True (its strings are deprecated); 4.x takes the sharding strategy as a string
+    return dict(fsdp=True if int(transformers.__version__.split(".")[0]) >= 5 else "full_shard", fsdp_config={
+        "fsdp_version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "reshard_after_forward": True,
+        "state_dict_type": "SHARDED_STATE_DICT", "cpu_ram_efficient_loading": False,
+    })
+
+
+def _save_sharded_adapter(model: Any, saved: Path, main: bool) -> None:
+    """``train.fsdp``: gather the trainable parameters (DTensors; a collective, every rank calls it) and write the
+    adapter on rank 0 in the usual PEFT format. (With FSDP's sharded checkpoints the Trainer saves no adapter, and
+    its gathered variant, FULL_STATE_DICT, failed in PEFT's save_pretrained on the DTensor model in our CPU trial.)"""
+    state = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            state[name] = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+    if main:
+        model.save_pretrained(str(saved), state_dict=state)
 
 
 def run_training(
@@ -367,6 +408,9 @@ def run_training(
         )
     collator = PadCollator(tok.pad_token_id)
     lora_config = _lora_config(cfg, method) if method.peft else None
+    if cfg.train.fsdp and method.init in ("pissa", "lora-ga"):
+        raise ConfigError(f"train.fsdp=true does not support method {cfg.method} (its adapter conversion at the end "
+                          "needs the unsharded model); use DDP for it.")
     args = _training_arguments(cfg, out, eval_ds is not None)
 
     import yaml
@@ -495,6 +539,8 @@ def run_training(
     saved = out / ("adapter" if method.peft else "model")
     trainer.save_model(str(saved))
     main = trainer.is_world_process_zero()
+    if cfg.train.fsdp:
+        _save_sharded_adapter(trainer.model, saved, main)
     if main:
         if initial_dir is not None:
             model.save_pretrained(str(saved), path_initial_model_for_weight_conversion=str(initial_dir))

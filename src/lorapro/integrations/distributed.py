@@ -3,9 +3,10 @@
 The Trainer runs data parallel by itself under ``torchrun`` / ``accelerate launch`` (DDP: gradients are averaged
 before the optimizer step, so LoRA-Pro needs nothing extra). Two helpers cover the rest:
 
-* :func:`check_trainer_args` — refuses, before training starts, the backends LoRA-Pro cannot run under: FSDP
-  (``args.fsdp`` or ``accelerate launch --use_fsdp``; the factors are sharded as DTensors) and DeepSpeed configs
-  LoRA-Pro cannot run under (see :func:`lorapro.integrations.deepspeed.check_deepspeed_config`). Called by
+* :func:`check_trainer_args` — refuses, before training starts, the backends LoRA-Pro cannot run under: FSDP1
+  (``args.fsdp`` or ``accelerate launch --use_fsdp`` without ``fsdp_version: 2``; its flat parameters hide the
+  factors — FSDP2 is supported, :mod:`lorapro.fsdp`) and DeepSpeed configs LoRA-Pro cannot run under (see
+  :func:`lorapro.integrations.deepspeed.check_deepspeed_config`). Called by
   :func:`lorapro.integrations.transformers.lorapro_optimizer_cls_and_kwargs`.
 * :class:`ConsolidateStateCallback` — with ``shard_state=True`` every rank holds only its pairs' state; the
   Trainer calls ``optimizer.state_dict()`` on rank 0 alone when it writes ``optimizer.pt``. The callback runs on
@@ -42,20 +43,20 @@ def _truthy(name: str) -> bool:
 
 
 def check_trainer_args(args: Any) -> None:
-    """Raise ``ValueError`` if ``TrainingArguments`` ask for a backend LoRA-Pro does not support (FSDP, or a
+    """Raise ``ValueError`` if ``TrainingArguments`` ask for a backend LoRA-Pro does not support (FSDP1, or a
     DeepSpeed config refused by :func:`lorapro.integrations.deepspeed.check_deepspeed_config`).
 
-    Supported: single process, DDP (``torchrun`` / ``accelerate launch``), DeepSpeed ZeRO stage 0-3.
+    Supported: single process, DDP (``torchrun`` / ``accelerate launch``), FSDP2, DeepSpeed ZeRO stage 0-3.
     """
     from .deepspeed import check_deepspeed_config
 
     fsdp = getattr(args, "fsdp", None)
-    if fsdp or _truthy("ACCELERATE_USE_FSDP"):
+    if (fsdp or _truthy("ACCELERATE_USE_FSDP")) and _fsdp_version(args) != 2:
         raise ValueError(
-            f"FSDP is enabled ({'fsdp=' + repr(fsdp) if fsdp else 'ACCELERATE_USE_FSDP'}), but LoRA-Pro needs each "
-            "LoRA pair's whole A and B on the rank that steps it, and FSDP shards them. Use plain data parallel "
-            "(torchrun / accelerate launch without --use_fsdp) and, for large full-mode state, the optimizer option "
-            "shard_state=True; or DeepSpeed ZeRO stage 0."
+            f"FSDP1 is enabled ({'fsdp=' + repr(fsdp) if fsdp else 'ACCELERATE_USE_FSDP'}): its flat parameters hide "
+            "the LoRA factors that LoRA-Pro pairs. Use FSDP2 — fsdp_config={'fsdp_version': 2} in TrainingArguments, "
+            "fsdp_version: 2 in the accelerate config, or train.fsdp=true with lorapro train — or plain data "
+            "parallel with the optimizer option shard_state=True."
         )
     config = trainer_deepspeed_config(args)
     if config is not None:
@@ -79,6 +80,14 @@ def trainer_deepspeed_config(args: Any) -> Optional[Dict[str, Any]]:
             return load_deepspeed_config(config_file)
         return {"zero_optimization": {"stage": int(stage or 0)}}
     return None
+
+
+def _fsdp_version(args: Any) -> int:
+    """The FSDP version the Trainer / accelerate will use: ``fsdp_config["fsdp_version"]`` or accelerate's
+    ``FSDP_VERSION`` environment variable; 1 (their default) when neither says."""
+    config = getattr(args, "fsdp_config", None) or {}
+    version = config.get("fsdp_version", config.get("version")) if isinstance(config, dict) else None
+    return int(version or os.environ.get("FSDP_VERSION", "1") or 1)
 
 
 try:  # the callback needs transformers; the rest of this module does not

@@ -35,8 +35,12 @@ What the Trainer does around the step, and why it is right for LoRA-Pro:
   optimizer. At ZeRO stage 0 that is LoRAProAdamW itself; at stage 1-3, which flatten and partition the
   parameters, :func:`lorapro_optimizer_cls_and_kwargs` returns :class:`lorapro.integrations.deepspeed.
   DeepSpeedLoRAProAdamW`, which reassembles the pairs inside DeepSpeed's step (tested in ``tests/distributed``).
-  FSDP shards the factors and is refused with a clear error when the optimizer is built
+  FSDP1's flat parameters hide the pairs and are refused with a clear error when the optimizer is built
   (:func:`lorapro.integrations.distributed.check_trainer_args`), as are DeepSpeed configs LoRA-Pro cannot run under.
+* FSDP2 (``fsdp_config={"fsdp_version": 2}``; ``lorapro train`` sets it with ``train.fsdp=true``): accelerate
+  shards the model and swaps the optimizer's parameters for the sharded DTensors in place, keeping the LoRA
+  groups' [A0, B0, ...] layout; LoRA-Pro steps them as in :mod:`lorapro.fsdp`, and checkpoints go through
+  torch's ``get_optimizer_state_dict`` / ``set_optimizer_state_dict``. accelerate enables FSDP on accelerators only.
 
 Weight decay: passing the model lets LoRA-Pro find every LoRA pair itself; ``args.weight_decay`` is then applied
 to all trainable parameters (the Trainer's no-decay group for biases/LayerNorm is not used). The paper's recipes
