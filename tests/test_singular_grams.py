@@ -159,3 +159,19 @@ def test_B_zero_step_leaves_A_exactly_unchanged(kind, dtype):
     (A1, B1), = _run(dtype, OPTIMIZERS[kind], A0, B0, [G], 2.0)
     assert torch.equal(A1, A0.to(dtype).double())
     assert float(B1.abs().max()) > 1e-3
+
+
+def test_B_zero_does_not_stop_the_float64_refinement_of_an_ill_conditioned_A():
+    # The automatic precision policy re-forms in float64 the Gram matrices of layers whose condition number exceeds
+    # GRAM_FP32_MAX_COND. With B = 0 every eigenvalue of BᵀB is cut; that side must not hide A's side (a NaN
+    # condition number from 0/0 used to make the layer look well conditioned).
+    g = torch.Generator().manual_seed(5)
+    r, n, m = 4, 30, 20
+    U, _ = torch.linalg.qr(torch.randn(r, r, generator=g, dtype=f64))
+    V, _ = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=f64))
+    A = (U @ torch.diag(torch.logspace(0, -3, r, dtype=f64)) @ V.T).float()  # cond(AAᵀ) = 1e6
+    B = torch.zeros(m, r)
+    G = torch.randn(m, n, generator=g)
+    AG, BG = F.pack(A[None], B[None], (2.0 * B.T @ G)[None], (2.0 * G @ A.T)[None])
+    grams, _, _ = F.packed_gram_inverses(AG, BG, R.DELTA, None)
+    assert torch.equal(grams.AAt[0], A.double() @ A.double().T)  # formed in float64, not the float32 product

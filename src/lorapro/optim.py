@@ -305,6 +305,7 @@ class _LoRAProBase(Optimizer):
         for group in self.param_groups:
             if not group.get("lora"):
                 continue
+            _dist.check_lora_group_intact(group)  # e.g. DeepSpeed ZeRO replaced the factors by flat buffers
             params = group["params"]
             for j, name in enumerate(group["pair_names"]):
                 A, B = params[2 * j], params[2 * j + 1]
