@@ -94,8 +94,8 @@ def test_bfloat16_factors_step_like_the_float64_reference(kind):
 
 @pytest.mark.parametrize("kind", ["sgd", *ADAM_MODES])
 def test_two_groups_with_their_own_lr_and_a_scheduler_match_the_reference(kind):
-    # float64 throughout, so the optimizer and the reference agree to float64 rounding: the bound 1e-9 relative is
-    # what test_optim.py uses (measured: ≤ 1e-13). Two LoRA groups and the head get different learning rates, all
+    # float64 throughout, so the optimizer and the reference agree to float64 rounding: measured ≤ 5e-14 relative,
+    # bound 1e-11 (100x). Two LoRA groups and the head get different learning rates, all
     # different from the constructor's, and a scheduler changes them every step. SGD runs with dampening.
     model = make_model()
     pairs = lora_pairs(model)
@@ -129,8 +129,8 @@ def test_two_groups_with_their_own_lr_and_a_scheduler_match_the_reference(kind):
         sched.step()
         for p in pairs:
             A, B, _ = ref[p.name]
-            torch.testing.assert_close(p.A.detach(), A, rtol=1e-9, atol=1e-11, msg=f"A of {p.name}, step {t}")
-            torch.testing.assert_close(p.B.detach(), B, rtol=1e-9, atol=1e-11, msg=f"B of {p.name}, step {t}")
+            torch.testing.assert_close(p.A.detach(), A, rtol=1e-11, atol=1e-13, msg=f"A of {p.name}, step {t}")
+            torch.testing.assert_close(p.B.detach(), B, rtol=1e-11, atol=1e-13, msg=f"B of {p.name}, step {t}")
         for p in head:
-            torch.testing.assert_close(p.detach(), ref_head[id(p)][0], rtol=1e-9, atol=1e-11)
+            torch.testing.assert_close(p.detach(), ref_head[id(p)][0], rtol=1e-11, atol=1e-13)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([x / 5 for x in lrs])

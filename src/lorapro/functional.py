@@ -232,8 +232,9 @@ GRAM_FP32_MAX_COND = 1e3
 
 def _cond(lam: Tensor) -> Tensor:
     """Condition number of Gram matrices from their ascending kept eigenvalues (L, r) -> (L,): inf where an
-    eigenvalue was cut, nan where all were (B = 0, which needs no refinement: its pseudo-inverse is exactly 0)."""
-    return lam[..., -1] / lam[..., 0]
+    eigenvalue was cut, 1 where all were (B = 0, which needs no refinement: its pseudo-inverse is exactly 0)."""
+    lam_max = lam[..., -1]
+    return torch.where(lam_max > 0, lam_max / lam[..., 0], torch.ones_like(lam_max))
 
 
 def gram_inverses_for(

@@ -1,7 +1,8 @@
 r"""LoRA-Pro optimizers: :class:`LoRAProAdamW` and :class:`LoRAProSGD`.
 
 Both are ordinary :class:`torch.optim.Optimizer` subclasses (param groups, LR schedulers, ``zero_grad``,
-``state_dict`` with tensors and numbers only). Give them a model — every PEFT LoRA layer's (A, B, s) becomes a
+``step(closure)``, ``state_dict`` with tensors and numbers only); a step whose gradients hold an inf or NaN is
+skipped as a whole, with a ``RuntimeWarning``. Give them a model — every PEFT LoRA layer's (A, B, s) becomes a
 LoRA-Pro pair, every other trainable parameter (biases, heads, ``modules_to_save``) gets plain AdamW / SGD — or
 param groups (see :func:`build_param_groups` for the explicit form).
 
@@ -643,7 +644,8 @@ class LoRAProAdamW(_LoRAProBase):
     Caveats: full mode's state is m × n per layer (about 52 GB in fp32 for Llama-2-7B with r = 8 on all
     projections); use ``mode="factored"`` (Adam on g̃ at about plain LoRA's state) or ``mode="efficient"`` where
     that does not fit. The step needs the current A, B, so call it
-    after gradients are final (after clipping / all-reduce).
+    after gradients are final (after clipping / all-reduce). If any gradient holds an inf or NaN, the step is
+    skipped (parameters and state unchanged) with a ``RuntimeWarning``, in every mode.
     """
 
     def __init__(
