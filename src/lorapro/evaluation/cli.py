@@ -193,6 +193,8 @@ def score_main(argv: Optional[Sequence[str]] = None) -> int:
                 write_jsonl(args.out, res["examples"])
     except (FileNotFoundError, ValueError) as e:
         return _fail(f"score {args.benchmark}", e, 2)
+    except RuntimeError as e:  # e.g. sandbox.SandboxSetupError: the sandbox could not be built on this machine
+        return _fail(f"score {args.benchmark}", f"{type(e).__name__}: {e}", 1)
     print(json.dumps(out))
     return 0
 
