@@ -331,17 +331,28 @@ class _LoRAProBase(Optimizer):
 
     def _nonfinite_grad(self) -> Optional[str]:
         """The name of a parameter whose gradient has an inf or NaN entry, or None. One read of the gradients
-        (their max-norms) and one host synchronisation per device."""
+        (their max-norms) and one host synchronisation per device.
+
+        Under FSDP2 each rank holds a shard of the gradients, so a bad entry may be visible on one rank only: the
+        verdict is all-reduced over each DTensor mesh, so that every rank skips the same steps (a rank stepping
+        alone would also leave the others waiting in the step's collectives)."""
         grads: List[torch.Tensor] = []
         names: List[Tuple[int, int]] = []
+        meshes: Dict[int, Any] = {}
         for gi, group in enumerate(self.param_groups):
             for k, p in enumerate(group["params"]):
-                if p.grad is not None and not p.grad.is_sparse:  # sparse gradients are refused by the step
-                    grads.append(p.grad)
-                    names.append((gi, k))
+                g = p.grad
+                if g is None or g.is_sparse:  # sparse gradients are refused by the step
+                    continue
+                if _fsdp.is_dtensor(g):
+                    meshes.setdefault(id(g.device_mesh), g.device_mesh)
+                    g = g.to_local()
+                grads.append(g)
+                names.append((gi, k))
         by_device: Dict[torch.device, List[int]] = defaultdict(list)
         for i, g in enumerate(grads):
             by_device[g.device].append(i)
+        bad: Optional[str] = None
         for idx in by_device.values():
             norms = torch._foreach_norm([grads[i] for i in idx], math.inf)
             finite = torch.stack([n.float() for n in norms]).isfinite()
@@ -349,9 +360,17 @@ class _LoRAProBase(Optimizer):
                 gi, k = names[idx[int((~finite).nonzero()[0])]]
                 group = self.param_groups[gi]
                 if group.get("lora"):
-                    return f"{group['pair_names'][k // 2]}.{'AB'[k % 2]}"
-                return f"param group {gi}, parameter {k} (shape {tuple(group['params'][k].shape)})"
-        return None
+                    bad = f"{group['pair_names'][k // 2]}.{'AB'[k % 2]}"
+                else:
+                    bad = f"param group {gi}, parameter {k} (shape {tuple(group['params'][k].shape)})"
+                break
+        for mesh in meshes.values():
+            pg = mesh.get_group()
+            flag = torch.tensor([0.0 if bad is None else 1.0], device=_fsdp._comm_device(pg, grads[0].device))
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=pg)
+            if bad is None and float(flag) > 0:
+                bad = "a gradient shard held by another rank (FSDP2)"
+        return bad
 
     def state_dict(self) -> Dict[str, Any]:
         """The optimizer state; with ``shard_state=True`` the consolidated one (call

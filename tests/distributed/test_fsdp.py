@@ -141,6 +141,15 @@ def test_fsdp2_error_inside_the_step_keeps_the_state_on_the_parameters(fsdp_runs
 
 
 @pytest.mark.distributed
+def test_fsdp2_nan_in_one_ranks_shard_skips_the_step_on_every_rank(fsdp_runs):
+    _, meta, _ = fsdp_runs
+    assert "skipped" in meta[0]["nan_warning"] and "another rank" in meta[0]["nan_warning"]
+    assert "skipped" in meta[1]["nan_warning"] and "another rank" not in meta[1]["nan_warning"]  # names its own
+    for m in meta:
+        assert m["nan_params_unchanged"] is True and m["nan_then_trained"] is True
+
+
+@pytest.mark.distributed
 def test_fsdp2_refusals_name_the_alternative(fsdp_runs):
     _, meta, _ = fsdp_runs
     for m in meta:

@@ -133,6 +133,29 @@ def main() -> None:
         meta["state_kept"] = ({id(p): sorted(st) for p, st in opt.state.items()} == before
                               and all(is_dtensor(p) for p in opt.state))
 
+        # a NaN in one rank's gradient shard only: every rank skips the step (no rank steps alone into the
+        # step's collectives), nothing changes, and training goes on
+        import warnings
+
+        model = sharded()
+        opt = make_opt("full", model)
+        train(model, opt, batches, 0, 1, rank, world)
+        before_params = {n: p.detach().clone() for n, p in full_params(model).items()}
+        x, y = local_slice(batches[1], rank, world)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        if rank == 1:
+            a = next(p for n, p in model.named_parameters() if "lora_A" in n)
+            a.grad.to_local().view(-1)[0] = float("nan")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step()
+        meta["nan_warning"] = " ".join(str(w.message) for w in caught if issubclass(w.category, RuntimeWarning))
+        after = full_params(model)
+        meta["nan_params_unchanged"] = all(torch.equal(before_params[n], after[n]) for n in before_params)
+        train(model, opt, batches, 1, 2, rank, world)  # the next step runs on both ranks (would hang otherwise)
+        meta["nan_then_trained"] = True
+
         try:
             LoRAProAdamW(sharded(), shard_state=True)
             meta["shard_state"] = "accepted"
