@@ -42,7 +42,7 @@ HELDOUT_BATCH = 4
 STUDY = "configs/sweeps/gsm8k_smollm2.yaml"
 # Each method's lr tuned for the demo's setting (20 steps, batch 4) by `lorapro sweep STUDY` — the chosen lr of
 # docs/results/gsm8k_smollm2/summary.json (a test keeps the two equal).
-TUNED_LRS: Dict[str, float] = {"lora": 1e-3, "lora-pro": 3.16e-4}
+TUNED_LRS: Dict[str, float] = {"lora": 3.16e-3, "lora-pro": 3.16e-4}
 
 
 def demo_config(

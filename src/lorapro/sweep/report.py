@@ -300,8 +300,9 @@ def write_report(sweep: Sweep, *, plots: bool = True) -> Path:
 
 
 def export_results(sweep: Sweep, dest: Path) -> int:
-    """Copy ``report.md``, ``summary.json``, ``sweep.yaml``, ``plots/`` and each run's :data:`RUN_FILES` (no weights:
-    a few KB per run) to ``dest``, keeping the sweep folder's layout. Returns the number of runs copied."""
+    """Copy ``report.md``, ``summary.json``, ``sweep.yaml``, ``plots/`` and each finished or failed run's
+    :data:`RUN_FILES` (no weights: a few KB per run) to ``dest``, keeping the sweep folder's layout. Returns the number
+    of runs copied."""
     import shutil
 
     dest = Path(dest)
@@ -314,6 +315,8 @@ def export_results(sweep: Sweep, dest: Path) -> int:
     n = 0
     for key in sweep.all_run_keys():
         src = sweep.run_dir(key)
+        if not ((src / "metrics.json").is_file() or (src / "failed.json").is_file()):
+            continue  # still running (or cut off): nothing final to keep
         copied = False
         for f in RUN_FILES:
             if (src / f).is_file():
