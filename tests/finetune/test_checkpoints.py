@@ -14,25 +14,11 @@ from transformers import TrainerCallback
 
 import lorapro.finetune.runner as runner
 from lorapro.cli import main as lorapro_main
+from train_args import tiny_train_argv
 
 
 def _argv(data, out, *extra):
-    return [
-        "train",
-        f"data.train={data}",
-        "method=lora-pro",
-        f"output_dir={out}",
-        "train.max_steps=6",
-        "train.save_steps=2",
-        "train.save_total_limit=null",
-        "train.global_batch_size=4",
-        "train.micro_batch_size=2",
-        "data.train_size=16",
-        "optim.lr=5e-3",
-        "lora.r=4",
-        "lora.dropout=0.1",
-        *extra,
-    ]
+    return tiny_train_argv(data, out, "train.save_steps=2", "train.save_total_limit=null", *extra)
 
 
 def _losses(out):

@@ -8,25 +8,11 @@ import torch
 from safetensors.torch import load_file
 
 from lorapro.cli import main as lorapro_main
+from train_args import tiny_train_argv
 
 
 def _argv(data, out, *extra):
-    return [
-        "train",
-        f"data.train={data}",
-        "method=lora-pro",
-        f"output_dir={out}",
-        "train.max_steps=6",
-        "train.save_steps=3",
-        "train.global_batch_size=4",
-        "train.micro_batch_size=2",
-        "data.train_size=16",  # 4 steps per epoch: the resumed run also crosses an epoch boundary
-        "optim.lr=5e-3",
-        "optim.warmup_ratio=0.2",
-        "lora.r=4",
-        "lora.dropout=0.1",  # so the restored RNG state matters
-        *extra,
-    ]
+    return tiny_train_argv(data, out, "train.save_steps=3", "optim.warmup_ratio=0.2", *extra)
 
 
 def _train_losses(out):

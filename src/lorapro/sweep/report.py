@@ -207,17 +207,9 @@ def _plots(sweep: Sweep, summary: Dict[str, Any]) -> Dict[str, List[str]]:
                     ax.plot([chosen[0]["lr"]], [chosen[0]["test"]["mean"]], marker="*", markersize=14,
                             color=line[0].get_color(), linestyle="none")
         ax.set_xscale("log")
-        ax.set_xlabel("learning rate")
-        ax.set_ylabel(f"test {head} (mean ± sd over seeds where several ran)")
-        ax.set_title(f"{task}: test {head} vs learning rate (star: lr chosen on the eval set)")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        f = pdir / f"{task}_lr.png"
-        fig.tight_layout()
-        fig.savefig(f, dpi=110)
-        plt.close(fig)
-        files.append(f"plots/{f.name}")
+        files.append(_finish(plt, fig, ax, pdir / f"{task}_lr.png", "learning rate",
+                             f"test {head} (mean ± sd over seeds where several ran)",
+                             f"{task}: test {head} vs learning rate (star: lr chosen on the eval set)"))
         # loss curves at the chosen lr
         fig, ax = plt.subplots(figsize=(7, 4.5))
         align: Dict[str, List[Dict[str, Any]]] = {}
@@ -237,21 +229,26 @@ def _plots(sweep: Sweep, summary: Dict[str, Any]) -> Dict[str, List[str]]:
             if steps:
                 mean = [statistics.fmean(c[x] for c in curves if x in c) for x in steps]
                 ax.plot(steps, mean, label=f"{m} (lr {lr:.1e})")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("training loss (mean over seeds)")
-        ax.set_title(f"{task}: training loss at each method's chosen lr")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        f = pdir / f"{task}_curves.png"
-        fig.tight_layout()
-        fig.savefig(f, dpi=110)
-        plt.close(fig)
-        files.append(f"plots/{f.name}")
+        files.append(_finish(plt, fig, ax, pdir / f"{task}_curves.png", "optimizer step",
+                             "training loss (mean over seeds)", f"{task}: training loss at each method's chosen lr"))
         if any(align.values()):
             files.append(_alignment_plot(plt, pdir, task, align))
         out[task] = files
     return out
+
+
+def _finish(plt: Any, fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str) -> str:
+    """Label, save and close a one-axes figure; returns its path relative to the sweep folder."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"plots/{path.name}"
 
 
 def _alignment_plot(plt: Any, pdir: Path, task: str, align: Dict[str, List[Dict[str, Any]]]) -> str:
