@@ -193,3 +193,19 @@ def test_save_only_model_checkpoints_are_small_and_not_resumed_silently(tmp_path
                             f"train.resume_from_checkpoint={ckpt}"))
     assert rc == 2
     assert "holds no optimizer state" in capsys.readouterr().err
+
+
+def test_fsdp2_sharded_optimizer_state_counts_as_optimizer_state(tmp_path):
+    """accelerate's FSDP2 checkpoints keep the optimizer as a DCP directory (optimizer_0/.metadata + shards), not
+    optimizer.pt: such a checkpoint is resumable; a directory without DCP metadata is not optimizer state."""
+    import json
+
+    from lorapro.finetune.checkpoints import checkpoint_problem
+
+    ck = tmp_path / "checkpoint-2"
+    (ck / "optimizer_0").mkdir(parents=True)
+    (ck / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    (ck / "optimizer_0" / "__0_0.distcp").write_bytes(b"x")
+    assert "no optimizer state" in checkpoint_problem(ck)
+    (ck / "optimizer_0" / ".metadata").write_bytes(b"x")
+    assert checkpoint_problem(ck) is None

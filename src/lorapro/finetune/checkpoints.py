@@ -205,7 +205,9 @@ def checkpoint_problem(path: Path) -> Optional[str]:
     if not isinstance(step, int):
         return f"{state} holds no global_step"
     has_optimizer = any((path / n).is_file() for n in ("optimizer.pt", "optimizer.bin")) or any(
-        p.is_dir() and p.name.startswith("global_step") for p in path.iterdir()  # DeepSpeed keeps its own layout
+        p.is_dir() and (p.name.startswith("global_step")  # DeepSpeed keeps its own layout
+                        or (p.name.startswith("optimizer_") and (p / ".metadata").is_file()))  # FSDP2: sharded DCP
+        for p in path.iterdir()
     )
     if not has_optimizer:
         return (
