@@ -164,3 +164,22 @@ def test_config_errors_exit_2_before_anything_runs(tmp_path):
     assert r.returncode == 2 and "data.test" in r.stderr
     r = run(str(tmp_path / "nope.yaml"))
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_methods_and_tasks_select_what_runs_now(tmp_path):
+    d = tmp_path / "sel"
+    r = run("--quick", "--dir", str(d), "--methods", "lora-pro", "--dry-run")
+    assert r.returncode == 0 and r.stdout.startswith("quick lora-pro:") and "quick lora:" not in r.stdout
+    r = run("--quick", "--dir", str(d), "--methods", "lora-pro,nope")
+    assert r.returncode == 2 and "unknown method(s) nope" in r.stderr and "lora, lora-pro" in r.stderr
+    r = run("--quick", "--dir", str(d), "--tasks", "gsm8k")
+    assert r.returncode == 2 and "unknown task(s) gsm8k" in r.stderr
+    r = run("--quick", "--dir", str(d), "--methods", "lora-pro", "--tasks", "quick")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("sweep: done  train quick lora-pro") == 2 and "train quick lora " not in r.stdout
+    assert sorted(p.parent.name for p in d.glob("runs/quick/*/*/metrics.json")) == ["lr1.00e-02_seed0",
+                                                                                     "lr1.00e-03_seed0"]
+    assert not (d / "runs/quick/lora").exists()
+    summary = json.loads((d / "summary.json").read_text())  # the report covers the whole sweep: lora not run yet
+    assert summary["tasks"]["quick"]["lora-pro"]["stage"] == "done"
+    assert summary["tasks"]["quick"]["lora"]["stage"] != "done"

@@ -11,7 +11,8 @@ from lorapro.config import ConfigError, from_dict
 
 from .config import SweepConfig
 
-USAGE = """usage: lorapro sweep SWEEP.yaml [--dir DIR] [--jobs N] [--threads T] [--retry-failed] [--dry-run]
+USAGE = """usage: lorapro sweep SWEEP.yaml [--dir DIR] [--jobs N] [--threads T] [--tasks T,..] [--methods M,..]
+                          [--retry-failed] [--dry-run]
        lorapro sweep report DIR [--export DEST]
        lorapro sweep --quick [--dir DIR]
 
@@ -26,6 +27,8 @@ at the end, or any time with `lorapro sweep report DIR`.
   --dir DIR        sweep folder (default: runs/sweeps/<name of SWEEP.yaml>)
   --jobs N         runs at once (default 1); the CPU threads are split between them
   --threads T      threads per run (default: CPU cores / jobs)
+  --tasks T,..     run only these tasks now (the others keep their runs; run without --tasks to finish them)
+  --methods M,..   run only these methods now, e.g. --methods lora,lora-pro first and the rest later
   --retry-failed   run again the runs that failed (by default a failed run counts as the worst result)
   --dry-run        print what would run next and exit
   --quick          a 1-minute sweep on the built-in tiny model (2 methods x 2 lrs x 1 seed) to try the tool
@@ -49,6 +52,14 @@ def _load(path: str) -> SweepConfig:
         raise ConfigError(f"Sweep file '{p}' must hold a mapping of keys (base, methods, lrs, ...).")
     data["source"] = str(p)
     return from_dict(SweepConfig, data)
+
+
+def _names(text: str) -> List[str]:
+    """``--tasks sst2,cola`` / ``--methods lora,lora-pro``: a comma-separated list of names."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one name, comma-separated")
+    return names
 
 
 def _stop_on_signals() -> None:
@@ -111,6 +122,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--retry-failed", action="store_true")
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--tasks", type=_names)
+    ap.add_argument("--methods", type=_names)
     try:
         args = ap.parse_args(argv)
     except SystemExit:
@@ -121,7 +134,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import yaml
 
     from .report import write_report
-    from .runner import Sweep, load_base, run_sweep
+    from .runner import Sweep, load_base, run_sweep, selection
 
     try:
         if args.quick:
@@ -134,15 +147,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         directory = Path(args.dir or Path("runs") / "sweeps" / name)
         sweep = Sweep(cfg, directory, base)
         sweep.check()
+        only_t, only_m = selection(sweep, args.tasks, args.methods)
         if args.dry_run:
             for (task, method), p in sweep.plans().items():
+                if task not in only_t or method not in only_m:
+                    continue
                 todo = ", ".join(f"lr={k.lr:.2e} seed={k.seed}" for k in p.needed) or "nothing"
                 print(f"{task} {method}: {p.stage}; next: {todo}")
             return 0
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "sweep.yaml").write_text(yaml.safe_dump(_resolved_dict(cfg, base), sort_keys=False))
         _stop_on_signals()
-        run_sweep(sweep, jobs=args.jobs, threads=args.threads, retry_failed=args.retry_failed)
+        run_sweep(sweep, jobs=args.jobs, threads=args.threads, retry_failed=args.retry_failed, tasks=args.tasks,
+                  methods=args.methods)
         path = write_report(sweep)
     except ConfigError as e:
         print(f"lorapro sweep: {e}", file=sys.stderr)

@@ -395,13 +395,34 @@ def _stop(running: List[_Running]) -> None:
         r.log.close()
 
 
+def selection(sweep: Sweep, tasks: Optional[Iterable[str]] = None,
+              methods: Optional[Iterable[str]] = None) -> Tuple[set, set]:
+    """The (tasks, methods) a ``--tasks`` / ``--methods`` selection names (all when ``None``); unknown names raise."""
+    only_t = set(tasks) if tasks is not None else set(sweep.cfg.task_names())
+    only_m = set(methods) if methods is not None else set(sweep.cfg.methods)
+    for name, got, known in (("task", only_t, sweep.cfg.task_names()), ("method", only_m, sweep.cfg.methods)):
+        unknown = sorted(got - set(known))
+        if unknown:
+            raise ConfigError(f"unknown {name}(s) {', '.join(unknown)}: this sweep's {name}s are "
+                              f"{', '.join(known)}.")
+    return only_t, only_m
+
+
 def run_sweep(sweep: Sweep, *, jobs: int = 1, threads: Optional[int] = None, retry_failed: bool = False,
-              say: Any = print, poll_s: float = 1.0) -> Dict[Tuple[str, str], PairPlan]:
+              say: Any = print, poll_s: float = 1.0, tasks: Optional[Iterable[str]] = None,
+              methods: Optional[Iterable[str]] = None) -> Dict[Tuple[str, str], PairPlan]:
     """Run every run the sweep still needs, ``jobs`` at a time, until every (task, method) is done.
 
-    Returns the final plans. Ctrl-C stops the running runs (their folders are re-run next time) and re-raises.
+    ``tasks`` / ``methods`` restrict this call to some of the sweep's tasks and methods (the rest keep their runs
+    and are run by a later call without them). Returns the final plans of the (task, method) pairs it ran. Ctrl-C
+    stops the running runs (their folders are re-run next time) and re-raises.
     """
     sweep.check()
+    only_t, only_m = selection(sweep, tasks, methods)
+
+    def selected() -> Dict[Tuple[str, str], PairPlan]:
+        return {tm: p for tm, p in sweep.plans().items() if tm[0] in only_t and tm[1] in only_m}
+
     if retry_failed:
         for k in sweep.all_run_keys():
             f = sweep.run_dir(k) / FAILED_FILE
@@ -409,7 +430,7 @@ def run_sweep(sweep: Sweep, *, jobs: int = 1, threads: Optional[int] = None, ret
                 f.unlink()
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     running: List[_Running] = []
-    plans = sweep.plans()
+    plans = selected()
     try:
         while True:
             busy = {r.key for r in running}
@@ -442,7 +463,7 @@ def run_sweep(sweep: Sweep, *, jobs: int = 1, threads: Optional[int] = None, ret
                     else:
                         (d / "posteval.failed").write_text(f"rc {rc}; log {r.log.name}\n")
                     say(f"sweep: FAILED {what} (rc {rc}); log: {r.log.name}")
-                plans = sweep.plans()
+                plans = selected()
     except BaseException:
         _stop(running)
         raise
