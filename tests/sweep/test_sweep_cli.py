@@ -183,3 +183,20 @@ def test_methods_and_tasks_select_what_runs_now(tmp_path):
     summary = json.loads((d / "summary.json").read_text())  # the report covers the whole sweep: lora not run yet
     assert summary["tasks"]["quick"]["lora-pro"]["stage"] == "done"
     assert summary["tasks"]["quick"]["lora"]["stage"] != "done"
+
+
+def test_a_second_sweep_on_the_same_folder_is_refused(tmp_path):
+    import fcntl
+
+    d = tmp_path / "locked"
+    d.mkdir()
+    with open(d / ".sweep.lock", "a+") as f:  # as a running sweep holds it
+        f.write("pid 4242\n")
+        f.flush()
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = run("--quick", "--dir", str(d))
+        assert r.returncode == 2 and "another `lorapro sweep` is running" in r.stderr and "pid 4242" in r.stderr
+        assert not (d / "runs").exists() and not (d / "sweep.yaml").exists()
+    r = run("--quick", "--dir", str(d), "--methods", "lora")  # the lock is gone with its holder
+    assert r.returncode == 0, r.stderr
+    assert (d / ".sweep.lock").read_text().startswith("pid ")

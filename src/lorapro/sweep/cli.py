@@ -134,7 +134,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import yaml
 
     from .report import write_report
-    from .runner import Sweep, load_base, run_sweep, selection
+    from .runner import Sweep, load_base, run_sweep, selection, sweep_lock
 
     try:
         if args.quick:
@@ -155,12 +155,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                 todo = ", ".join(f"lr={k.lr:.2e} seed={k.seed}" for k in p.needed) or "nothing"
                 print(f"{task} {method}: {p.stage}; next: {todo}")
             return 0
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "sweep.yaml").write_text(yaml.safe_dump(_resolved_dict(cfg, base), sort_keys=False))
-        _stop_on_signals()
-        run_sweep(sweep, jobs=args.jobs, threads=args.threads, retry_failed=args.retry_failed, tasks=args.tasks,
-                  methods=args.methods)
-        path = write_report(sweep)
+        with sweep_lock(directory):
+            (directory / "sweep.yaml").write_text(yaml.safe_dump(_resolved_dict(cfg, base), sort_keys=False))
+            _stop_on_signals()
+            run_sweep(sweep, jobs=args.jobs, threads=args.threads, retry_failed=args.retry_failed,
+                      tasks=args.tasks, methods=args.methods)
+            path = write_report(sweep)
     except ConfigError as e:
         print(f"lorapro sweep: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ Folder layout::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -25,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 from lorapro.config import ConfigError, from_dict, to_dict
 
@@ -393,6 +394,35 @@ def _stop(running: List[_Running]) -> None:
             os.killpg(r.proc.pid, signal.SIGKILL)
             r.proc.wait()
         r.log.close()
+
+
+@contextlib.contextmanager
+def sweep_lock(directory: Path) -> Iterator[None]:
+    """Hold ``DIR/.sweep.lock`` while a sweep runs in ``DIR``: a second ``lorapro sweep`` on the same folder (a second
+    terminal, a re-submitted batch job) would start the same runs and delete each other's half-finished run folders.
+    An OS lock (``flock``), so it is released when the process ends, however it ends: no stale lock files."""
+    import fcntl
+
+    directory.mkdir(parents=True, exist_ok=True)
+    f = open(directory / ".sweep.lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ConfigError(
+            f"another `lorapro sweep` is running in {directory} ({holder}); two sweeps in one folder would start the "
+            "same runs twice. Wait for it to finish or stop it (Ctrl-C, kill); to run more at once use --jobs N."
+        ) from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()
 
 
 def selection(sweep: Sweep, tasks: Optional[Iterable[str]] = None,
