@@ -87,6 +87,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -106,6 +107,8 @@ __all__ = [
     "zero_stage",
     "initialize",
     "save_checkpoint",
+    "load_checkpoint",
+    "checkpoint_world_size",
     "lorapro_optimizer_of",
 ]
 
@@ -183,6 +186,13 @@ def check_deepspeed_config(config: ConfigT) -> Dict[str, Any]:
             "the partitions with a built-in AdamW instead of the client optimizer, so LoRA-Pro would not run there. "
             "Remove 'ratio' (offload everything) or the offload."
         )
+    if (cfg.get("checkpoint") or {}).get("load_universal"):
+        raise ValueError(
+            "DeepSpeed config has checkpoint.load_universal = true. A universal checkpoint (ds_to_universal) keeps "
+            "DeepSpeed's per-parameter fp32 weights and Adam moments, not LoRA-Pro's per-pair state, which would be "
+            "silently reset. Remove it: lorapro.integrations.deepspeed.load_checkpoint (and lorapro train's resume) "
+            "loads a LoRA-Pro ZeRO checkpoint on another number of processes directly."
+        )
     return cfg
 
 
@@ -219,6 +229,115 @@ def save_checkpoint(engine: Any, save_dir: Union[str, Path], tag: Optional[str] 
     if opt is not None:
         opt.consolidate_state_dict(to=0)
     return engine.save_checkpoint(str(save_dir), tag=tag, **kwargs)
+
+
+_OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+
+
+def _resolve_tag(load_dir: Union[str, Path], tag: Optional[str]) -> Optional[str]:
+    if tag is not None:
+        return str(tag)
+    latest = Path(load_dir) / "latest"
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def _optim_files(folder: Path) -> List[Path]:
+    """The ZeRO optimizer files of a checkpoint folder, by data-parallel rank (model parallelism is not supported)."""
+    found: Dict[int, Path] = {}
+    for f in folder.iterdir():
+        m = _OPTIM_FILE.match(f.name)
+        if m is None:
+            continue
+        if int(m.group(2)) != 0:
+            raise ValueError(f"{folder} holds model-parallel ZeRO files ({f.name}); LoRA-Pro supports data parallelism only.")
+        found[int(m.group(1))] = f
+    if sorted(found) != list(range(len(found))):
+        raise ValueError(f"{folder} holds ZeRO optimizer files of ranks {sorted(found)}: some are missing.")
+    return [found[r] for r in range(len(found))]
+
+
+def checkpoint_world_size(load_dir: Union[str, Path], tag: Optional[str] = None) -> Optional[int]:
+    """The number of data-parallel processes that wrote a DeepSpeed ZeRO (stage >= 1) checkpoint: its number of
+    ``zero_pp_rank_*_optim_states.pt`` files. ``None`` for a stage-0 checkpoint or when there is none."""
+    tag = _resolve_tag(load_dir, tag)
+    folder = Path(load_dir) / tag if tag is not None else None
+    if folder is None or not folder.is_dir():
+        return None
+    return len(_optim_files(folder)) or None
+
+
+def _deepspeed_version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__
+
+
+def load_checkpoint(engine: Any, load_dir: Union[str, Path], tag: Optional[str] = None, **kwargs: Any) -> Any:
+    """``engine.load_checkpoint`` that also resumes a LoRA-Pro ZeRO checkpoint on another number of processes.
+
+    Same arguments and return value as ``engine.load_checkpoint``; call it on every rank. With the number of
+    processes that wrote the checkpoint (or at stage 0, or with ``load_optimizer_states=False``) it *is*
+    ``engine.load_checkpoint``. Otherwise DeepSpeed's own loader refuses ("Automatic adjustment of ZeRO's
+    optimizer state partitioning with a new world size is not currently supported"), so the load is done in
+    three parts, every one of them exact:
+
+    1. ``engine.load_checkpoint(..., load_optimizer_states=False)``: the model (its bf16/fp32 weights), the LR
+       scheduler, the step counters and the client state, as DeepSpeed loads them on any number of processes;
+    2. the fp32 master weights of the trainable parameters, from all ranks' partitions by DeepSpeed's own
+       consolidation (``deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint``) written into
+       this rank's partition with ``deepspeed.utils.safe_set_full_fp32_param`` (so bf16 runs resume from the fp32
+       masters, not from their bf16 copies);
+    3. the optimizer state, from every rank's ``*_optim_states.pt``: :meth:`DeepSpeedLoRAProAdamW.load_zero_shards`
+       (LoRA pairs by name, each now kept by the rank that steps it; the other parameters' moments re-sliced
+       elementwise).
+
+    Not restored on another number of processes: fp16's dynamic loss scale (it restarts from the config's
+    initial scale; bf16 and fp32 have none). ZeRO-3 checkpoints are refused on another number of processes
+    with an error naming the alternatives: DeepSpeed itself cannot load a ZeRO-3 model that has frozen parameters
+    on another number of processes (it copies each rank's saved slices of the frozen weights as they are).
+    DeepSpeed's universal checkpoints (``ds_to_universal`` + ``"checkpoint": {"load_universal": true}``) do not
+    carry LoRA-Pro's pair state and are refused by :func:`check_deepspeed_config`.
+    """
+    ours = lorapro_optimizer_of(getattr(engine, "optimizer", None))
+    tag = _resolve_tag(load_dir, tag)
+    saved = checkpoint_world_size(load_dir, tag)
+    world = dist.get_world_size(group=engine.optimizer.dp_process_group) if saved is not None else None
+    if (saved is None or saved == world or not isinstance(ours, _ZeroStep) or not kwargs.get("load_optimizer_states", True)
+            or kwargs.get("load_module_only", False)):
+        return engine.load_checkpoint(str(load_dir), tag=tag, **kwargs)
+    from deepspeed.utils import safe_set_full_fp32_param
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    folder = Path(load_dir) / tag
+    if engine.zero_optimization_partition_weights():
+        raise ValueError(
+            f"This ZeRO-3 checkpoint was written by {saved} processes and is being loaded by {world}. DeepSpeed "
+            f"{_deepspeed_version()} cannot load a ZeRO-3 model with frozen parameters (every LoRA model) on another "
+            "number of processes, with or without its optimizer state: engine.load_checkpoint copies each rank's "
+            "saved slices of the frozen weights into the new, differently sized slices. Resume with "
+            f"{saved} processes; or train with ZeRO stage 1 or 2, whose LoRA-Pro checkpoints load on any number of "
+            "processes; or keep the trained weights (the saved adapter, or deepspeed.utils.zero_to_fp32) and start "
+            "a new run from them."
+        )
+    kwargs["load_optimizer_states"] = False
+    load_path, client_state = engine.load_checkpoint(str(load_dir), tag=tag, **kwargs)
+    if load_path is None:
+        return load_path, client_state
+    fp32 = get_fp32_state_dict_from_zero_checkpoint(str(load_dir), tag=tag, exclude_frozen_parameters=True)
+    for name, p in engine.module.named_parameters():
+        if p.requires_grad:
+            if name not in fp32:
+                raise ValueError(f"The checkpoint in {folder} has no fp32 weights for trainable parameter '{name}'.")
+            safe_set_full_fp32_param(p, fp32[name])
+    shards = []
+    for f in _optim_files(folder):
+        zsd = torch.load(f, map_location="cpu", weights_only=False, mmap=True)["optimizer_state_dict"]
+        shards.append(zsd.get("base_optimizer_state", zsd.get("optimizer_state_dict")))
+    if any(isinstance(sd, list) for sd in shards):
+        raise ValueError(f"{folder} is an elastic ZeRO checkpoint (zero_optimization.elastic_checkpoint), which "
+                         "LoRA-Pro does not write; it cannot be loaded here.")
+    ours.load_zero_shards(shards)
+    return load_path, client_state
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,9 +379,10 @@ def _read_slices(factors: Sequence[torch.Tensor], flat: torch.Tensor, group_inde
             sub, dest, n = opt.grad_position[opt.get_param_id(p)]
             if opt.fp32_partitioned_groups_flat[sub] is not flat:
                 raise ValueError(
-                    "A LoRA param group is split over several ZeRO-3 sub-groups, which DeepSpeed steps one at a "
-                    "time, so the (A, B) pairs are not all available in one step. Raise zero_optimization."
-                    "sub_group_size above the number of trainable LoRA parameters (e.g. 1e9, DeepSpeed's default)."
+                    "A param group is split over several ZeRO-3 sub-groups, which DeepSpeed steps one at a time, so "
+                    "the (A, B) pairs are not all available in one step (and a checkpoint's partitions cannot be "
+                    "matched by group). Raise zero_optimization.sub_group_size above the number of trainable "
+                    "parameters of a group (e.g. 1e9, DeepSpeed's default)."
                 )
             start = dist.get_rank(group=p.ds_process_group) * n
             numel = max(0, min(n, p.ds_numel - start))
@@ -373,8 +493,10 @@ class _ZeroStep:
         # The model's factors of each LoRA group, kept before DeepSpeed replaces group["params"] by its partition;
         # "zero_index" names the group inside DeepSpeed (its param groups keep our order).
         self._zero_factors: Dict[int, List[torch.Tensor]] = {}
+        self._zero_params: Dict[int, List[torch.Tensor]] = {}  # every group's model parameters, in group order
         for gi, group in enumerate(self.param_groups):  # type: ignore[attr-defined]
             group["zero_index"] = gi
+            self._zero_params[gi] = list(group["params"])
             if group["lora"]:
                 self._zero_factors[gi] = list(group["params"])
         self._gathered: Dict[int, _GatheredGroup] = {}
@@ -440,9 +562,51 @@ class _ZeroStep:
                 return g
         raise KeyError(gi)
 
+    def _partition_of(self, gi: int) -> Optional[torch.Tensor]:
+        """The flat fp32 partition DeepSpeed keeps for param group ``gi`` on this rank (the tensor our state of a
+        non-LoRA group is keyed by); ``None`` when the group is not partitioned (no ZeRO)."""
+        params = self._zero_params[gi]
+        if not params:
+            return None
+        p0 = params[0]
+        if hasattr(p0, "ds_id"):  # ZeRO-3 empties group["params"] between steps: look the partition up
+            opt = p0._z3_optimizer
+            subs = {opt.grad_position[opt.get_param_id(p)][0] for p in params}
+            if len(subs) != 1:
+                raise ValueError(
+                    "A param group is split over several ZeRO-3 sub-groups, so its checkpointed partitions cannot be "
+                    "matched by group. Raise zero_optimization.sub_group_size above the number of trainable "
+                    "parameters of a group (e.g. 1e9, DeepSpeed's default)."
+                )
+            return opt.fp32_partitioned_groups_flat[subs.pop()]
+        if not hasattr(p0, "_hp_mapping"):
+            return None
+        flats = [p for p in self._group_by_index(gi)["params"] if p.numel() > 0]
+        if len(flats) != 1:
+            raise _layout_error(f"{len(flats)} partitions in param group {gi}, expected one")
+        return flats[0]
+
+    def _plain_fragments(self) -> Dict[str, Dict[str, Any]]:
+        """Where each parameter of each non-LoRA group lies in this rank's partition of the group: ``{group index:
+        {"numel": partition size, "shapes": [...], "slices": [(offset in partition, offset in the flattened
+        parameter, count) or None, ...]}}``. Saved with the state so that another number of ranks can re-slice it."""
+        out: Dict[str, Dict[str, Any]] = {}
+        for gi, params in self._zero_params.items():
+            if gi in self._zero_factors or not params:
+                continue
+            flat = self._partition_of(gi)
+            if flat is None:
+                continue
+            slices, _ = _local_slices(params, flat, gi)
+            out[str(gi)] = {"numel": flat.numel(), "shapes": [list(_full_shape(p)) for p in params],
+                            "slices": [list(sl) if sl is not None else None for sl in slices]}
+        return out
+
     def state_dict(self) -> Dict[str, Any]:
-        """The optimizer state. Under ZeRO: this rank's partitions' state as usual, plus the state of the LoRA pairs
-        this rank steps under ``"lorapro_zero"`` (by pair name), with the world size it is valid for."""
+        """The optimizer state. Under ZeRO: this rank's partitions' state as usual, plus under ``"lorapro_zero"``
+        the state of the LoRA pairs this rank steps (by pair name), the world size, and where each non-LoRA
+        parameter lies in this rank's partitions (so :func:`load_checkpoint` can re-slice it for another world
+        size)."""
         if not self._gathered and not self._pending_pair_state:
             return super().state_dict()  # type: ignore[misc]
         views = self._pair_views()
@@ -458,11 +622,12 @@ class _ZeroStep:
                 pairs.setdefault(name, {})[half] = full[v]
         world = (dist.get_world_size(group=next(iter(self._gathered.values())).group) if self._gathered
                  else self._pending_world)
-        sd[ZERO_STATE_KEY] = {"pairs": pairs, "world_size": world}
+        sd[ZERO_STATE_KEY] = {"pairs": pairs, "world_size": world, "plain": self._plain_fragments()}
         return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Load a state dict from :meth:`state_dict`; under ZeRO, the one this rank saved (same world size)."""
+        """Load a state dict from :meth:`state_dict`; under ZeRO, the one this rank saved (same world size; for
+        another world size :func:`load_checkpoint` reads every rank's file and calls :meth:`load_zero_shards`)."""
         zero = state_dict.get(ZERO_STATE_KEY)
         if zero is None:
             super().load_state_dict(state_dict)  # type: ignore[misc]
@@ -470,11 +635,11 @@ class _ZeroStep:
         world = dist.get_world_size() if dist.is_initialized() else 1
         if zero["world_size"] != world:
             raise ValueError(
-                f"This LoRA-Pro ZeRO checkpoint was saved by {zero['world_size']} data-parallel processes and is "
-                f"being loaded by {world}: each process saved the state of the LoRA pairs it stepped, and which "
-                "process steps which pair depends on their number. Resume with the same number of processes, or "
-                "train with ZeRO stage 0 and LoRAProAdamW(..., shard_state=True), whose checkpoints load on any "
-                "number of processes."
+                f"This LoRA-Pro ZeRO state dict was saved by {zero['world_size']} data-parallel processes and is "
+                f"being loaded by {world}: each process saved the state of the LoRA pairs it stepped and of its "
+                "partition of the other parameters. To resume a DeepSpeed checkpoint on another number of processes, "
+                "load it with lorapro.integrations.deepspeed.load_checkpoint(engine, dir), which reads every "
+                "process's file and re-slices the state (lorapro train does this when resuming)."
             )
         rest = {k: v for k, v in state_dict.items() if k != ZERO_STATE_KEY}
         super().load_state_dict(rest)  # type: ignore[misc]
@@ -482,6 +647,94 @@ class _ZeroStep:
         self._pending_world = zero["world_size"]
         for gi, gathered in self._gathered.items():  # already stepping: apply now
             self._apply_pending_state(self._group_by_index(gi), gathered)
+
+    @torch.no_grad()
+    def load_zero_shards(self, shards: Sequence[Dict[str, Any]]) -> None:
+        """Load the state dicts that *all* ranks of a ZeRO run saved (:meth:`state_dict` of rank 0, 1, ... of any
+        number of ranks) into this rank of the current run.
+
+        LoRA pairs: the state of every saved pair is kept by name until the first step, where each rank keeps
+        the pairs it now owns (:meth:`_apply_pending_state`). Other parameters: their elementwise state (Adam's
+        moments, SGD's momentum) is cut from each saved rank's partition by the recorded slices and written into
+        this rank's partition at the parameter's new place; step counts are taken from rank 0. Hyperparameters
+        (lr, betas, ...) come from rank 0's param groups. DeepSpeed's fp32 master weights are not here:
+        :func:`load_checkpoint` restores them.
+        """
+        if not shards:
+            raise ValueError("load_zero_shards needs the state dict of every saved rank; got none.")
+        zeros = [sd.get(ZERO_STATE_KEY) for sd in shards]
+        if any(z is None for z in zeros):
+            if all(z is None for z in zeros) and not any(sd.get("state") for sd in shards):
+                return  # saved before any step: nothing to re-slice
+            raise ValueError(
+                "These optimizer state dicts were not all written by DeepSpeedLoRAProAdamW / DeepSpeedLoRAProSGD under "
+                "ZeRO (no 'lorapro_zero' entry), so they cannot be re-sliced for another number of processes."
+            )
+        if any(z["world_size"] != len(shards) for z in zeros):
+            raise ValueError(
+                f"Got {len(shards)} ranks' state dicts, but they say they were saved by "
+                f"{sorted({z['world_size'] for z in zeros})} processes: a rank's file is missing or from another run."
+            )
+        groups = self.param_groups  # type: ignore[attr-defined]
+        saved_groups = shards[0]["param_groups"]
+        if len(saved_groups) != len(groups):
+            raise ValueError(f"The checkpoint has {len(saved_groups)} param groups, this optimizer {len(groups)}.")
+        for gi, (group, saved) in enumerate(zip(groups, saved_groups)):
+            if group.get("pair_names") != saved.get("pair_names"):
+                raise ValueError(
+                    f"Param group {gi} of the checkpoint pairs {saved.get('pair_names')}, this optimizer "
+                    f"{group.get('pair_names')}: the checkpoint is of another model or adapter configuration."
+                )
+            group.update({k: v for k, v in saved.items() if k not in ("params", "zero_index")})
+        pairs: Dict[str, Dict[str, Any]] = {}
+        for z in zeros:
+            pairs.update({name: dict(halves) for name, halves in z["pairs"].items()})
+        self._pending_pair_state = pairs
+        self._pending_world = dist.get_world_size() if dist.is_initialized() else 1
+        for gi, params in self._zero_params.items():
+            if gi not in self._zero_factors:
+                self._load_plain_group(gi, params, shards, zeros)
+        for gi, gathered in self._gathered.items():  # already stepping: apply now
+            self._apply_pending_state(self._group_by_index(gi), gathered)
+
+    def _load_plain_group(self, gi: int, params: List[torch.Tensor], shards: Sequence[Dict[str, Any]],
+                          zeros: Sequence[Dict[str, Any]]) -> None:
+        flat = self._partition_of(gi)
+        saved_states = []
+        for sd, z in zip(shards, zeros):
+            frag = z.get("plain", {}).get(str(gi))
+            idx = sd["param_groups"][gi]["params"]
+            state = sd["state"].get(idx[0]) if len(idx) == 1 else None
+            if state and frag is None:
+                raise ValueError(
+                    f"Param group {gi}'s state in the checkpoint carries no partition layout (a checkpoint written "
+                    "before LoRA-Pro recorded it); resume it with the number of processes that wrote it."
+                )
+            if state:
+                if frag["shapes"] != [list(_full_shape(p)) for p in params]:
+                    raise ValueError(f"Param group {gi} of the checkpoint has parameters of shapes {frag['shapes']}, "
+                                     "this model others: the checkpoint is of another model.")
+                saved_states.append((state, frag))
+        if not saved_states or flat is None:
+            return
+        slices, _ = _local_slices(params, flat, gi)
+        new: Dict[str, Any] = {}
+        for key, value in saved_states[0][0].items():
+            if not (torch.is_tensor(value) and value.dim() == 1 and value.numel() == saved_states[0][1]["numel"]):
+                new[key] = value.clone() if torch.is_tensor(value) else value  # a step count: the same on every rank
+                continue
+            out = torch.zeros(flat.shape, dtype=value.dtype, device=flat.device)
+            for state, frag in saved_states:  # copy the overlap of each saved piece with this rank's piece
+                src = state[key]
+                for sl_new, sl_old in zip(slices, frag["slices"]):
+                    if sl_new is None or sl_old is None:
+                        continue
+                    (at, full_at, numel), (o_at, o_full_at, o_numel) = sl_new, sl_old
+                    lo, hi = max(full_at, o_full_at), min(full_at + numel, o_full_at + o_numel)
+                    if lo < hi:
+                        out[at + lo - full_at:at + hi - full_at] = src[o_at + lo - o_full_at:o_at + hi - o_full_at]
+            new[key] = out
+        self.state[flat] = new  # type: ignore[has-type]
 
     def _apply_pending_state(self, group: Dict[str, Any], gathered: _GatheredGroup) -> None:
         if not self._pending_pair_state:
