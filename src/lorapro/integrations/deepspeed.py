@@ -58,26 +58,34 @@ ZeRO stage 0: :class:`lorapro.LoRAProAdamW` / :class:`lorapro.LoRAProSGD` as the
 
 Checkpoints
     ``engine.save_checkpoint`` / ``load_checkpoint`` (and the Trainer's checkpoints) work at every stage. At ZeRO
-    1-3 every rank writes its own optimizer file, holding the state of the pairs it owns (keyed by pair name) and
-    of its partition of the other parameters, so a checkpoint resumes with the same number of data-parallel
-    ranks; loading it with another number raises an error that says so.
+    1-3 every rank writes its own optimizer file, holding the state of the pairs it owns (keyed by pair name), the
+    state of its partition of the other parameters, and where each of those parameters lies in that partition.
+    With the same number of data-parallel ranks ``engine.load_checkpoint`` resumes it. With another number
+    DeepSpeed's loader refuses; :func:`load_checkpoint` (and ``lorapro train``'s resume) loads it then: every rank
+    reads every rank's file, keeps the pairs it now steps and re-slices the other parameters' state, at ZeRO-1
+    and 2. ZeRO-3 checkpoints resume on the same number of ranks only (DeepSpeed cannot reload a ZeRO-3 model with
+    frozen parameters on another number; refused with the alternatives). DeepSpeed's universal checkpoints do not
+    carry the per-pair state and are refused.
 
 What is refused, with an error naming the alternative (:func:`check_deepspeed_config`, and at the first step)
     * a plain ``LoRAProAdamW`` at ZeRO stage >= 1 (use ``DeepSpeedLoRAProAdamW`` with the same arguments);
     * an ``"optimizer"`` section in the DeepSpeed config (DeepSpeed would build its own Adam and LoRA-Pro would
       not run: remove it);
     * ``zero_optimization.elastic_checkpoint`` (it re-slices the optimizer state elementwise across ranks, which
-      pair-keyed state does not survive), NVMe optimizer offload and ZeRO-3's partial offload
+      pair-keyed state does not survive; :func:`load_checkpoint` resumes on another number of ranks instead),
+      ``checkpoint.load_universal`` (universal checkpoints drop the per-pair state), NVMe optimizer offload and
+      ZeRO-3's partial offload
       (``offload_optimizer.ratio`` < 1, which steps part of the partitions with a second, built-in AdamW);
     * a LoRA param group split over several ZeRO-3 sub-groups (raise ``zero_optimization.sub_group_size``).
 
 Usage::
 
-    from lorapro.integrations.deepspeed import DeepSpeedLoRAProAdamW, initialize, save_checkpoint
+    from lorapro.integrations.deepspeed import DeepSpeedLoRAProAdamW, initialize, load_checkpoint, save_checkpoint
     opt = DeepSpeedLoRAProAdamW(peft_model, lr=2e-5, mode="full")     # arguments as LoRAProAdamW
     engine, opt, _, _ = initialize(model=peft_model, optimizer=opt, config="ds_zero2.json")
     ... engine.backward(loss); engine.step() ...
     save_checkpoint(engine, "ckpt")                                   # all ranks
+    load_checkpoint(engine, "ckpt")                                   # all ranks; any number of them at ZeRO-1/2
 
 With the Hugging Face Trainer (``lorapro train ... train.deepspeed=ds.json``),
 :func:`lorapro.integrations.transformers.lorapro_optimizer_cls_and_kwargs` picks the class from the config's stage.
@@ -171,7 +179,8 @@ def check_deepspeed_config(config: ConfigT) -> Dict[str, Any]:
         raise ValueError(
             "DeepSpeed config has zero_optimization.elastic_checkpoint = true. It re-slices the optimizer state "
             "elementwise when the number of GPUs changes, which LoRA-Pro's per-pair state does not survive. Set it "
-            "to false (the default); checkpoints then resume with the same number of data-parallel processes."
+            "to false (the default): lorapro.integrations.deepspeed.load_checkpoint (and lorapro train's resume) "
+            "loads LoRA-Pro's ZeRO-1/2 checkpoints on another number of processes."
         )
     if devices["offload_optimizer"] not in (None, "none", "cpu"):
         raise ValueError(
