@@ -166,6 +166,12 @@ def test_incomplete_sets_of_rank_states_are_refused(tmp_path):
     sd[ZERO_STATE_KEY] = {"world_size": 2, "pairs": {}, "plain": {}}
     with pytest.raises(ValueError, match="Got 1 ranks' state dicts.*saved by \\[2\\]"):
         opt.load_zero_shards([sd])  # the other rank's file is missing
+    sd[ZERO_STATE_KEY]["world_size"] = 1
+    for g in sd["param_groups"]:
+        if g["lora"]:
+            g["mode"] = "efficient"
+    with pytest.raises(ValueError, match="checkpoint has mode='efficient', this optimizer 'full'"):
+        opt.load_zero_shards([sd])  # a checkpoint of another mode
 
 
 def test_universal_checkpoints_are_refused():

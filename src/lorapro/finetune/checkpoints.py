@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from transformers import Trainer
-from transformers.trainer_utils import _is_peft_model  # what the Trainer passes as load_module_strict
 
 __all__ = [
     "CONFIG_NAME",
@@ -100,15 +99,18 @@ class CheckpointTrainer(Trainer):
             resharded = saved is not None and saved != self.args.world_size
         if not resharded:
             return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        from transformers import trainer as hf_trainer  # _is_peft_model: defined there (4.x) or imported (5.x)
+
         from lorapro.integrations.deepspeed import load_checkpoint
 
         model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
         load_path, _ = load_checkpoint(self.model_wrapped, resume_from_checkpoint,
-                                       load_module_strict=not _is_peft_model(self.model))
+                                       load_module_strict=not hf_trainer._is_peft_model(self.model))
         if load_path is None:
             raise ValueError(f"[deepspeed] failed to resume from checkpoint {resume_from_checkpoint}")
         self._load_optimizer_and_scheduler(resume_from_checkpoint)  # what the Trainer does after its own load
-        self._load_scaler(resume_from_checkpoint)
+        if hasattr(self, "_load_scaler"):
+            self._load_scaler(resume_from_checkpoint)
         return model, train_dataloader
 
     def _get_output_dir(self, trial: Any) -> str:

@@ -291,7 +291,8 @@ def load_checkpoint(engine: Any, load_dir: Union[str, Path], tag: Optional[str] 
     three parts, every one of them exact:
 
     1. ``engine.load_checkpoint(..., load_optimizer_states=False)``: the model (its bf16/fp32 weights), the LR
-       scheduler, the step counters and the client state, as DeepSpeed loads them on any number of processes;
+       scheduler, the step counters and the client state, which DeepSpeed loads on any number of processes at
+       ZeRO-1/2;
     2. the fp32 master weights of the trainable parameters, from all ranks' partitions by DeepSpeed's own
        consolidation (``deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint``) written into
        this rank's partition with ``deepspeed.utils.safe_set_full_fp32_param`` (so bf16 runs resume from the fp32
@@ -310,7 +311,7 @@ def load_checkpoint(engine: Any, load_dir: Union[str, Path], tag: Optional[str] 
     ours = lorapro_optimizer_of(getattr(engine, "optimizer", None))
     tag = _resolve_tag(load_dir, tag)
     saved = checkpoint_world_size(load_dir, tag)
-    world = dist.get_world_size(group=engine.optimizer.dp_process_group) if saved is not None else None
+    world = engine.seq_dp_world_size  # what DeepSpeed compares with the checkpoint's dp_world_size
     if (saved is None or saved == world or not isinstance(ours, _ZeroStep) or not kwargs.get("load_optimizer_states", True)
             or kwargs.get("load_module_only", False)):
         return engine.load_checkpoint(str(load_dir), tag=tag, **kwargs)
@@ -689,10 +690,17 @@ class _ZeroStep:
         if len(saved_groups) != len(groups):
             raise ValueError(f"The checkpoint has {len(saved_groups)} param groups, this optimizer {len(groups)}.")
         for gi, (group, saved) in enumerate(zip(groups, saved_groups)):
-            if group.get("pair_names") != saved.get("pair_names"):
+            for key in ("lora", "mode", "pair_names"):
+                if group.get(key) != saved.get(key):
+                    raise ValueError(
+                        f"Param group {gi}: the checkpoint has {key}={saved.get(key)!r}, this optimizer "
+                        f"{group.get(key)!r}. Create the optimizer (and the adapter) as the checkpoint was saved with."
+                    )
+            if any(not math.isclose(float(a), float(b), rel_tol=1e-12)
+                   for a, b in zip(saved.get("scalings", []), group.get("scalings", []))):
                 raise ValueError(
-                    f"Param group {gi} of the checkpoint pairs {saved.get('pair_names')}, this optimizer "
-                    f"{group.get('pair_names')}: the checkpoint is of another model or adapter configuration."
+                    f"Param group {gi}: the LoRA scales (lora_alpha / r) changed since the checkpoint was saved. "
+                    "Resume with the LoRA configuration the checkpoint was trained with, or start a fresh optimizer."
                 )
             group.update({k: v for k, v in saved.items() if k not in ("params", "zero_index")})
         pairs: Dict[str, Dict[str, Any]] = {}
