@@ -128,7 +128,8 @@ def reshard(out, suite, rank, meta):
             run(engine, 0, SAVE_AT)
             save(engine, name, "from1", "step2")
         else:  # 2 processes
-            for how, tag, start, result in (("w1", "step3", SAVE_AT + 1, "2to1to2"), ("from1", "step2", SAVE_AT, "1to2")):
+            for how, tag, start, result in (("w1", "step3", SAVE_AT + 1, "2to1to2"),
+                                            ("from1", "step2", SAVE_AT, "1to2")):
                 engine = load(name, how, tag)
                 run(engine, start, STEPS)
                 dump(engine, f"{name}_{result}")

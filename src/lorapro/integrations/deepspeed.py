@@ -258,7 +258,8 @@ def _optim_files(folder: Path) -> List[Path]:
         if m is None:
             continue
         if int(m.group(2)) != 0:
-            raise ValueError(f"{folder} holds model-parallel ZeRO files ({f.name}); LoRA-Pro supports data parallelism only.")
+            raise ValueError(f"{folder} holds model-parallel ZeRO files ({f.name}); LoRA-Pro supports data "
+                             "parallelism only.")
         found[int(m.group(1))] = f
     if sorted(found) != list(range(len(found))):
         raise ValueError(f"{folder} holds ZeRO optimizer files of ranks {sorted(found)}: some are missing.")
@@ -311,9 +312,9 @@ def load_checkpoint(engine: Any, load_dir: Union[str, Path], tag: Optional[str] 
     ours = lorapro_optimizer_of(getattr(engine, "optimizer", None))
     tag = _resolve_tag(load_dir, tag)
     saved = checkpoint_world_size(load_dir, tag)
-    world = engine.seq_dp_world_size  # what DeepSpeed compares with the checkpoint's dp_world_size
-    if (saved is None or saved == world or not isinstance(ours, _ZeroStep) or not kwargs.get("load_optimizer_states", True)
-            or kwargs.get("load_module_only", False)):
+    world = getattr(engine, "seq_dp_world_size", None) or engine.dp_world_size  # what DeepSpeed compares
+    if (saved is None or saved == world or not isinstance(ours, _ZeroStep)
+            or not kwargs.get("load_optimizer_states", True) or kwargs.get("load_module_only", False)):
         return engine.load_checkpoint(str(load_dir), tag=tag, **kwargs)
     from deepspeed.utils import safe_set_full_fp32_param
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
