@@ -80,6 +80,7 @@ def full_params(engine):
 # name -> (ZeRO stage, optimizer kind, extra config): the scenarios resumed on another number of processes
 RESHARD = {"z1_full": (1, "full", {}), "z2_full": (2, "full", {}), "z2_efficient": (2, "efficient", {}),
            "z2_factored": (2, "factored", {}), "z2_sgd": (2, "sgd", {}),
+           "z2_offload": (2, "full", {"offload_optimizer": {"device": "cpu"}}),
            "z2_bf16": (2, "full", {"bf16": {"enabled": True}}),
            "z3_full": (3, "full", {})}  # refused: saved on 2, loaded on 1
 
