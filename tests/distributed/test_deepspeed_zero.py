@@ -183,7 +183,7 @@ def test_universal_checkpoints_are_refused():
 
 # -- resharded resume: save on 2 processes, load on 1, save there, load on 2 (and 1 -> 2) ---------------------------
 
-RESHARDED = ["z1_full", "z2_full", "z2_efficient", "z2_factored", "z2_sgd", "z2_offload"]
+RESHARDED = ["z1_full", "z2_full", "z2_efficient", "z2_factored", "z2_sgd", "z2_offload", "z3_full", "z3_efficient"]
 
 
 @pytest.fixture(scope="module")
@@ -200,9 +200,11 @@ def reshard(tmp_path_factory):
 @pytest.mark.parametrize("name", RESHARDED)
 def test_resharded_resume_equals_uninterrupted(reshard, name):
     """2 -> 1, 2 -> 1 -> 2 and 1 -> 2 processes, then on to step 4, give the parameters of the uninterrupted run
-    (the 1-process optimizer, which the uninterrupted 2-process ZeRO runs match: test_zero12_matches_one_process).
-    Tolerance as above (TOL). Measured: <= 6e-8 absolute. A pair whose state was dropped or given to another pair
-    restarts Adam's moments (a step of ~lr = 1e-2 instead of the continued one) or momentum: off by >= 1e-3."""
+    (the 1-process optimizer, which the uninterrupted 2-process ZeRO runs match: test_zero12_matches_one_process,
+    test_zero3_matches_one_process). Tolerance as above (TOL). Measured: <= 6e-8 absolute. The loading model has
+    other initial weights (frozen ones too), so every weight must come from the checkpoint. A pair whose state was
+    dropped or given to another pair restarts Adam's moments (a step of ~lr = 1e-2 instead of the continued one)
+    or momentum: off by >= 2e-3 (measured by breaking the load: 2e-3 to 7e-2)."""
     out, meta = reshard
     want, _ = one_process({"offload": "full"}.get(name.split("_")[1], name.split("_")[1]))
     for how, ranks in (("2to1", (0,)), ("2to1to2", (0, 1)), ("1to2", (0, 1))):
@@ -219,36 +221,3 @@ def test_resharded_resume_restores_the_fp32_masters_of_a_bf16_run(reshard):
     loaded = load(out, "z2_bf16_loaded_w1", 0)
     close(loaded, saved, rtol=0, atol=0)
     assert max(float((p - p.bfloat16().float()).abs().max()) for p in saved.values()) > 1e-4  # not bf16 values
-
-
-def test_a_zero3_checkpoint_on_another_number_of_processes_is_refused_with_the_alternatives(reshard):
-    msg = reshard[1]["refused_z3_full_2to1"]
-    assert "written by 2 processes and is being loaded by 1" in msg
-    assert "Resume with 2 processes" in msg and "ZeRO stage 1 or 2" in msg and "zero_to_fp32" in msg
-
-
-def test_without_zero_it_is_the_lorapro_optimizer():
-    from lorapro.integrations.deepspeed import DeepSpeedLoRAProAdamW
-
-    want, _ = one_process("full")
-    model = make_model()
-    opt = DeepSpeedLoRAProAdamW(model, **{k: make_opt("full", model).defaults[k] for k in ("lr", "weight_decay")})
-    for x, y in global_batches(STEPS):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    close(params_of(model), want, rtol=0, atol=0)
-
-
-def test_an_unknown_deepspeed_partition_layout_is_a_clear_error():
-    from types import SimpleNamespace
-
-    from lorapro.integrations.deepspeed import _local_slices
-
-    flat = torch.zeros(8)
-    with pytest.raises(RuntimeError, match="partition layout.*neither _hp_mapping nor ds_id"):
-        _local_slices([torch.zeros(2, 2)], flat, 0)
-    factor = torch.zeros(2, 2)
-    factor._hp_mapping = SimpleNamespace(param_group_index=0)  # a release whose mapping lacks the fragment fields
-    with pytest.raises(RuntimeError, match="partition layout.*AttributeError.*ZeRO stage 0"):
-        _local_slices([factor], flat, 0)

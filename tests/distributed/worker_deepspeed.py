@@ -82,7 +82,8 @@ RESHARD = {"z1_full": (1, "full", {}), "z2_full": (2, "full", {}), "z2_efficient
            "z2_factored": (2, "factored", {}), "z2_sgd": (2, "sgd", {}),
            "z2_offload": (2, "full", {"offload_optimizer": {"device": "cpu"}}),
            "z2_bf16": (2, "full", {"bf16": {"enabled": True}}),
-           "z3_full": (3, "full", {})}  # refused: saved on 2, loaded on 1
+           "z3_full": (3, "full", {"stage3_param_persistence_threshold": 0}),  # every weight partitioned
+           "z3_efficient": (3, "efficient", {})}  # default persistence: small weights gathered on every rank
 
 
 def reshard(out, suite, rank, meta):
@@ -111,13 +112,6 @@ def reshard(out, suite, rank, meta):
             run(engine, 0, SAVE_AT)
             save(engine, name, "w2", "step2")
             dump(engine, f"{name}_saved_w2")  # the fp32 masters at the save (bf16: not the bf16 weights)
-        elif name.startswith("z3"):
-            if suite == "reshard_one":
-                try:
-                    load(name, "w2", "step2")
-                    meta[f"refused_{name}_2to1"] = "loaded"
-                except ValueError as e:
-                    meta[f"refused_{name}_2to1"] = str(e)
         elif suite == "reshard_one":  # 1 process
             engine = load(name, "w2", "step2")
             dump(engine, f"{name}_loaded_w1")

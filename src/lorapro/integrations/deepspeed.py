@@ -61,11 +61,10 @@ Checkpoints
     1-3 every rank writes its own optimizer file, holding the state of the pairs it owns (keyed by pair name), the
     state of its partition of the other parameters, and where each of those parameters lies in that partition.
     With the same number of data-parallel ranks ``engine.load_checkpoint`` resumes it. With another number
-    DeepSpeed's loader refuses; :func:`load_checkpoint` (and ``lorapro train``'s resume) loads it then: every rank
-    reads every rank's file, keeps the pairs it now steps and re-slices the other parameters' state, at ZeRO-1
-    and 2. ZeRO-3 checkpoints resume on the same number of ranks only (DeepSpeed cannot reload a ZeRO-3 model with
-    frozen parameters on another number; refused with the alternatives). DeepSpeed's universal checkpoints do not
-    carry the per-pair state and are refused.
+    DeepSpeed's loader refuses; :func:`load_checkpoint` (and ``lorapro train``'s resume) loads it then, at every
+    stage: every rank reads every rank's file, keeps the pairs it now steps and re-slices the other parameters'
+    state and DeepSpeed's fp32 masters. DeepSpeed's universal checkpoints do not carry the per-pair state and are
+    refused.
 
 What is refused, with an error naming the alternative (:func:`check_deepspeed_config`, and at the first step)
     * a plain ``LoRAProAdamW`` at ZeRO stage >= 1 (use ``DeepSpeedLoRAProAdamW`` with the same arguments);
@@ -85,7 +84,7 @@ Usage::
     engine, opt, _, _ = initialize(model=peft_model, optimizer=opt, config="ds_zero2.json")
     ... engine.backward(loss); engine.step() ...
     save_checkpoint(engine, "ckpt")                                   # all ranks
-    load_checkpoint(engine, "ckpt")                                   # all ranks; any number of them at ZeRO-1/2
+    load_checkpoint(engine, "ckpt")                                   # all ranks; any number of them
 
 With the Hugging Face Trainer (``lorapro train ... train.deepspeed=ds.json``),
 :func:`lorapro.integrations.transformers.lorapro_optimizer_cls_and_kwargs` picks the class from the config's stage.
@@ -180,7 +179,7 @@ def check_deepspeed_config(config: ConfigT) -> Dict[str, Any]:
             "DeepSpeed config has zero_optimization.elastic_checkpoint = true. It re-slices the optimizer state "
             "elementwise when the number of GPUs changes, which LoRA-Pro's per-pair state does not survive. Set it "
             "to false (the default): lorapro.integrations.deepspeed.load_checkpoint (and lorapro train's resume) "
-            "loads LoRA-Pro's ZeRO-1/2 checkpoints on another number of processes."
+            "loads LoRA-Pro's ZeRO checkpoints on another number of processes."
         )
     if devices["offload_optimizer"] not in (None, "none", "cpu"):
         raise ValueError(
@@ -276,10 +275,70 @@ def checkpoint_world_size(load_dir: Union[str, Path], tag: Optional[str] = None)
     return len(_optim_files(folder)) or None
 
 
-def _deepspeed_version() -> str:
-    import deepspeed
+_ZERO3_STATES = ("module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
+                 "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "skipped_steps",
+                 "global_steps", "global_samples", "dp_world_size", "mp_world_size")
 
-    return deepspeed.__version__
+
+@torch.no_grad()
+def _load_zero3_model(engine: Any, folder: Path, saved: int, masters: Dict[str, torch.Tensor],
+                      load_module_strict: bool = True,
+                      load_lr_scheduler_states: bool = True, load_optimizer_states: bool = True,
+                      load_module_only: bool = False, custom_load_fn: Any = None) -> Tuple[str, Dict[str, Any]]:
+    """ZeRO-3 on another number of ranks: what ``engine.load_checkpoint(..., load_optimizer_states=False)`` loads,
+    done here because DeepSpeed copies each rank's saved slice of every frozen weight into this rank's slice as it
+    is (their sizes differ when the number of ranks changed). Every weight's slice is cut from the full weight:
+    frozen ones from all ranks' ``frozen_param_fragments``, trainable ones (their bf16/fp32 copies) from the fp32
+    ``masters`` (which :func:`load_checkpoint` then writes into the optimizer's partitions)."""
+    if custom_load_fn is not None:
+        raise ValueError("load_checkpoint: custom_load_fn is not supported when a ZeRO-3 checkpoint changes the "
+                         "number of processes.")
+    files = [folder / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(saved)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise ValueError(f"{folder} lacks the ZeRO-3 model-states files {missing}.")
+    states = [torch.load(f, map_location="cpu", weights_only=False, mmap=True) for f in files]
+    ckpt = states[0]
+    if ckpt.get("data_sampler") is not None or ckpt.get("random_ltd") is not None:
+        raise ValueError("load_checkpoint: a ZeRO-3 checkpoint with curriculum learning / random-LTD state cannot "
+                         "change the number of processes; resume with the number that wrote it.")
+    opt = engine.optimizer
+    opt.checkpoint_event_prologue()  # every parameter partitioned (as DeepSpeed's own load does)
+    rank = dist.get_rank(group=opt.dp_process_group)
+    names = set()
+    for name, p in engine.module.named_parameters():
+        names.add(name)
+        if p.requires_grad:
+            value = masters[name]
+        else:
+            pieces = [st["frozen_param_fragments"][name] for st in states]
+            value = torch.cat([t.flatten() for t in pieces])[:math.prod(_full_shape(p))]
+        if hasattr(p, "ds_id"):
+            n = p.ds_tensor.numel()
+            piece = value.flatten()[rank * n:(rank + 1) * n]
+            p.ds_tensor.data.zero_()
+            p.ds_tensor.data[:piece.numel()].copy_(piece)
+        else:
+            p.data.copy_(value.view(p.shape))
+    module = ckpt["module"]
+    for name, b in engine.module.named_buffers():
+        if name in module:
+            b.copy_(module[name])
+    if load_module_strict:
+        unknown = [k for k in module if k not in names and k not in dict(engine.module.named_buffers())]
+        if unknown:
+            raise ValueError(f"The checkpoint's module has entries this model lacks: {unknown[:5]}")
+    opt.checkpoint_event_epilogue()  # persistent parameters gathered again
+    if load_module_only:
+        return str(files[0]), {}
+    if load_lr_scheduler_states and engine.lr_scheduler is not None:
+        engine.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+    engine.global_steps = ckpt["global_steps"]
+    engine.global_samples = ckpt.get("global_samples", engine.global_steps * engine.train_batch_size())
+    engine.skipped_steps = ckpt["skipped_steps"]
+    engine.loaded_checkpoint_mp_world_size = ckpt["mp_world_size"]
+    engine.loaded_checkpoint_dp_world_size = ckpt["dp_world_size"]
+    return str(files[0]), {k: v for k, v in ckpt.items() if k not in _ZERO3_STATES}
 
 
 def load_checkpoint(engine: Any, load_dir: Union[str, Path], tag: Optional[str] = None, **kwargs: Any) -> Any:
@@ -293,7 +352,9 @@ def load_checkpoint(engine: Any, load_dir: Union[str, Path], tag: Optional[str] 
 
     1. ``engine.load_checkpoint(..., load_optimizer_states=False)``: the model (its bf16/fp32 weights), the LR
        scheduler, the step counters and the client state, which DeepSpeed loads on any number of processes at
-       ZeRO-1/2;
+       ZeRO-1/2. At ZeRO-3 DeepSpeed cannot (it copies each rank's saved slice of every frozen weight into this
+       rank's slice as it is, and their sizes changed), so :func:`_load_zero3_model` loads the same things, each
+       weight's new slice cut from the full weight;
     2. the fp32 master weights of the trainable parameters, from all ranks' partitions by DeepSpeed's own
        consolidation (``deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint``) written into
        this rank's partition with ``deepspeed.utils.safe_set_full_fp32_param`` (so bf16 runs resume from the fp32
@@ -303,11 +364,11 @@ def load_checkpoint(engine: Any, load_dir: Union[str, Path], tag: Optional[str] 
        elementwise).
 
     Not restored on another number of processes: fp16's dynamic loss scale (it restarts from the config's
-    initial scale; bf16 and fp32 have none). ZeRO-3 checkpoints are refused on another number of processes
-    with an error naming the alternatives: DeepSpeed itself cannot load a ZeRO-3 model that has frozen parameters
-    on another number of processes (it copies each rank's saved slices of the frozen weights as they are).
-    DeepSpeed's universal checkpoints (``ds_to_universal`` + ``"checkpoint": {"load_universal": true}``) do not
-    carry LoRA-Pro's pair state and are refused by :func:`check_deepspeed_config`.
+    initial scale; bf16 and fp32 have none). Refused there: curriculum-learning / random-LTD state and
+    ``custom_load_fn`` at ZeRO-3. Memory: every rank reads all ranks' optimizer files (memory-mapped; LoRA-sized
+    state) and, at ZeRO-3, each frozen weight whole, one at a time. DeepSpeed's universal checkpoints
+    (``ds_to_universal`` + ``"checkpoint": {"load_universal": true}``) do not carry LoRA-Pro's pair state and are
+    refused by :func:`check_deepspeed_config`.
     """
     ours = lorapro_optimizer_of(getattr(engine, "optimizer", None))
     tag = _resolve_tag(load_dir, tag)
@@ -320,26 +381,24 @@ def load_checkpoint(engine: Any, load_dir: Union[str, Path], tag: Optional[str] 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     folder = Path(load_dir) / tag
-    if engine.zero_optimization_partition_weights():
-        raise ValueError(
-            f"This ZeRO-3 checkpoint was written by {saved} processes and is being loaded by {world}. DeepSpeed "
-            f"{_deepspeed_version()} cannot load a ZeRO-3 model with frozen parameters (every LoRA model) on another "
-            "number of processes, with or without its optimizer state: engine.load_checkpoint copies each rank's "
-            "saved slices of the frozen weights into the new, differently sized slices. Resume with "
-            f"{saved} processes; or train with ZeRO stage 1 or 2, whose LoRA-Pro checkpoints load on any number of "
-            "processes; or keep the trained weights (the saved adapter, or deepspeed.utils.zero_to_fp32) and start "
-            "a new run from them."
-        )
-    kwargs["load_optimizer_states"] = False
-    load_path, client_state = engine.load_checkpoint(str(load_dir), tag=tag, **kwargs)
-    if load_path is None:
-        return load_path, client_state
-    fp32 = get_fp32_state_dict_from_zero_checkpoint(str(load_dir), tag=tag, exclude_frozen_parameters=True)
+    fp32 = get_fp32_state_dict_from_zero_checkpoint(str(load_dir), tag=tag, exclude_frozen_parameters=True,
+                                                    lazy_mode=True)  # ZeRO-3: gathered one tensor at a time
+    masters = {}
     for name, p in engine.module.named_parameters():
         if p.requires_grad:
             if name not in fp32:
                 raise ValueError(f"The checkpoint in {folder} has no fp32 weights for trainable parameter '{name}'.")
-            safe_set_full_fp32_param(p, fp32[name])
+            masters[name] = fp32[name] if torch.is_tensor(fp32[name]) else fp32[name].contiguous()
+    if engine.zero_optimization_partition_weights():
+        load_path, client_state = _load_zero3_model(engine, folder, saved, masters, **kwargs)
+    else:
+        kwargs["load_optimizer_states"] = False
+        load_path, client_state = engine.load_checkpoint(str(load_dir), tag=tag, **kwargs)
+        if load_path is None:
+            return load_path, client_state
+    for name, p in engine.module.named_parameters():
+        if p.requires_grad:
+            safe_set_full_fp32_param(p, masters[name])
     shards = []
     for f in _optim_files(folder):
         zsd = torch.load(f, map_location="cpu", weights_only=False, mmap=True)["optimizer_state_dict"]
