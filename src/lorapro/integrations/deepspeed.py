@@ -286,8 +286,8 @@ def _load_zero3_model(engine: Any, folder: Path, saved: int, masters: Dict[str, 
                       load_lr_scheduler_states: bool = True, load_optimizer_states: bool = True,
                       load_module_only: bool = False, custom_load_fn: Any = None) -> Tuple[str, Dict[str, Any]]:
     """ZeRO-3 on another number of ranks: what ``engine.load_checkpoint(..., load_optimizer_states=False)`` loads,
-    done here because DeepSpeed copies each rank's saved slice of every frozen weight into this rank's slice as it
-    is (their sizes differ when the number of ranks changed). Every weight's slice is cut from the full weight:
+    done here because DeepSpeed reads the model file of this rank's number and copies its saved slice of every
+    frozen weight as it is (see :func:`load_checkpoint`). Every weight's slice is cut from the full weight:
     frozen ones from all ranks' ``frozen_param_fragments``, trainable ones (their bf16/fp32 copies) from the fp32
     ``masters`` (which :func:`load_checkpoint` then writes into the optimizer's partitions)."""
     if custom_load_fn is not None:
@@ -352,9 +352,10 @@ def load_checkpoint(engine: Any, load_dir: Union[str, Path], tag: Optional[str] 
 
     1. ``engine.load_checkpoint(..., load_optimizer_states=False)``: the model (its bf16/fp32 weights), the LR
        scheduler, the step counters and the client state, which DeepSpeed loads on any number of processes at
-       ZeRO-1/2. At ZeRO-3 DeepSpeed cannot (it copies each rank's saved slice of every frozen weight into this
-       rank's slice as it is, and their sizes changed), so :func:`_load_zero3_model` loads the same things, each
-       weight's new slice cut from the full weight;
+       ZeRO-1/2. At ZeRO-3 DeepSpeed cannot (each rank reads the model file of its own rank number, missing when
+       the number grew, and copies its saved slice of every frozen weight as it is, of the wrong size when the
+       number shrank), so :func:`_load_zero3_model` loads the same things, each weight's new slice cut from the
+       full weight;
     2. the fp32 master weights of the trainable parameters, from all ranks' partitions by DeepSpeed's own
        consolidation (``deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint``) written into
        this rank's partition with ``deepspeed.utils.safe_set_full_fp32_param`` (so bf16 runs resume from the fp32
