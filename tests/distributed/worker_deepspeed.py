@@ -4,6 +4,10 @@ DeepSpeed's client optimizer.
 Usage: worker_deepspeed.py OUT_DIR SUITE, SUITE "zero0" (stage 0: LoRAProAdamW), "zero12" (stages 1 and 2:
 DeepSpeedLoRAProAdamW) or "zero3". Writes <scenario>_rank<r>.pt (the full fp32 trainable parameters) and
 meta_rank<r>.json (optimizer classes, state sizes, errors).
+
+Resharded resume, three launches on one OUT_DIR: "reshard_save" (2 processes: train to step 2, save),
+"reshard_one" (1 process: load the 2-process checkpoints, save again at step 3, finish; and train to step 2 and
+save), "reshard_two" (2 processes: load the 1-process checkpoints and finish). Writes <scenario>_<how>_rank<r>.pt.
 """
 
 import json
@@ -20,7 +24,8 @@ from torch import nn
 from dist_toy import GLOBAL_BATCH, STEPS_DEFAULT as STEPS, global_batches, local_slice, make_model, make_opt
 
 from lorapro.distributed import optimizer_state_bytes
-from lorapro.integrations.deepspeed import DeepSpeedLoRAProAdamW, DeepSpeedLoRAProSGD, initialize, save_checkpoint
+from lorapro.integrations.deepspeed import (DeepSpeedLoRAProAdamW, DeepSpeedLoRAProSGD, initialize, load_checkpoint,
+                                           save_checkpoint)
 
 SAVE_AT = 2
 CLIP = 0.05  # small enough that every step of the toy run is clipped
@@ -72,6 +77,59 @@ def full_params(engine):
     return out
 
 
+# name -> (ZeRO stage, optimizer kind, extra config): the scenarios resumed on another number of processes
+RESHARD = {"z1_full": (1, "full", {}), "z2_full": (2, "full", {}), "z2_efficient": (2, "efficient", {}),
+           "z2_factored": (2, "factored", {}), "z2_sgd": (2, "sgd", {}),
+           "z2_offload": (2, "full", {"offload_optimizer": {"device": "cpu"}}),
+           "z2_bf16": (2, "full", {"bf16": {"enabled": True}}),
+           "z3_full": (3, "full", {"stage3_param_persistence_threshold": 0}),  # every weight partitioned
+           "z3_efficient": (3, "efficient", {})}  # default persistence: small weights gathered on every rank
+
+
+def reshard(out, suite, rank, meta):
+    """Save on one number of processes, load on another (lorapro.integrations.deepspeed.load_checkpoint)."""
+    def engine_for(name, seed=0):
+        stage, kind, extra = RESHARD[name]
+        model = make_model(seed=seed)
+        return initialize(model=model, optimizer=zero_opt(kind, model), config=config(stage, **extra))[0]
+
+    def save(engine, name, how, tag):
+        save_checkpoint(engine, os.path.join(out, f"ckpt_{name}_{how}"), tag=tag)
+
+    def load(name, how, tag):
+        engine = engine_for(name, seed=123)  # different weights: the checkpoint must restore them
+        path, _ = load_checkpoint(engine, os.path.join(out, f"ckpt_{name}_{how}"), tag=tag)
+        assert path is not None, name
+        meta[f"global_steps_{name}_{how}"] = engine.global_steps
+        return engine
+
+    def dump(engine, name):
+        torch.save(full_params(engine), os.path.join(out, f"{name}_rank{rank}.pt"))
+
+    for name in RESHARD:
+        if suite == "reshard_save":  # 2 processes
+            engine = engine_for(name)
+            run(engine, 0, SAVE_AT)
+            save(engine, name, "w2", "step2")
+            dump(engine, f"{name}_saved_w2")  # the fp32 masters at the save (bf16: not the bf16 weights)
+        elif suite == "reshard_one":  # 1 process
+            engine = load(name, "w2", "step2")
+            dump(engine, f"{name}_loaded_w1")
+            run(engine, SAVE_AT, SAVE_AT + 1)
+            save(engine, name, "w1", "step3")  # the 2 -> 1 -> 2 round trip continues from here
+            run(engine, SAVE_AT + 1, STEPS)
+            dump(engine, f"{name}_2to1")
+            engine = engine_for(name)
+            run(engine, 0, SAVE_AT)
+            save(engine, name, "from1", "step2")
+        else:  # 2 processes
+            for how, tag, start, result in (("w1", "step3", SAVE_AT + 1, "2to1to2"),
+                                            ("from1", "step2", SAVE_AT, "1to2")):
+                engine = load(name, how, tag)
+                run(engine, start, STEPS)
+                dump(engine, f"{name}_{result}")
+
+
 def main() -> None:
     out, suite = sys.argv[1], sys.argv[2]
     # On CPU, DeepSpeed compiles a shared-memory all-reduce extension on first use (minutes on 2 cores); the test
@@ -102,7 +160,9 @@ def main() -> None:
         run(engine, SAVE_AT, STEPS)
         torch.save(full_params(engine), os.path.join(out, f"{name}_rank{rank}.pt"))
 
-    if suite == "zero0":  # LoRAProAdamW itself, optionally with its state split by pairs (shard_state)
+    if suite.startswith("reshard_"):
+        reshard(out, suite, rank, meta)
+    elif suite == "zero0":  # LoRAProAdamW itself, optionally with its state split by pairs (shard_state)
         for precision in (None, "bf16"):
             for shard in (False, True):
                 model = make_model()
@@ -153,7 +213,8 @@ def main() -> None:
         except ValueError as e:
             meta["split_sub_groups"] = str(e)
 
-    with open(os.path.join(out, f"meta_rank{rank}.json"), "w") as f:
+    prefix = f"meta_{suite}" if suite.startswith("reshard_") else "meta"  # the reshard launches share OUT_DIR
+    with open(os.path.join(out, f"{prefix}_rank{rank}.json"), "w") as f:
         json.dump(meta, f)
     dist.barrier()
     dist.destroy_process_group()

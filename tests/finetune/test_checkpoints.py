@@ -209,3 +209,21 @@ def test_fsdp2_sharded_optimizer_state_counts_as_optimizer_state(tmp_path):
     assert "no optimizer state" in checkpoint_problem(ck)
     (ck / "optimizer_0" / ".metadata").write_bytes(b"x")
     assert checkpoint_problem(ck) is None
+
+
+def test_the_trainer_still_loads_deepspeed_checkpoints_where_checkpoint_trainer_intercepts():
+    """CheckpointTrainer._prepare_for_training re-routes a resharded DeepSpeed load; it relies on the Trainer's
+    method of that name taking these arguments and being where ``deepspeed_load_checkpoint`` is called."""
+    import inspect
+
+    from transformers import Trainer
+
+    method = Trainer._prepare_for_training
+    assert list(inspect.signature(method).parameters) == ["self", "max_steps", "train_dataloader",
+                                                          "resume_from_checkpoint"]
+    source = inspect.getsource(method)
+    assert "deepspeed_load_checkpoint(" in source and "self._load_optimizer_and_scheduler(resume_from_checkpoint)" \
+        in source
+    import transformers.trainer as hf_trainer
+
+    assert callable(hf_trainer._is_peft_model)

@@ -74,7 +74,8 @@ class CheckpointTrainer(Trainer):
     existing under its final name. So this subclass overrides two private methods of the Trainer,
     ``_save_checkpoint`` (to stage, then publish) and ``_get_output_dir`` (to point the stock implementation at the
     staging directory), and reuses everything else: what a checkpoint contains and how it is resumed stay the
-    Trainer's. ``tests/finetune/test_checkpoints.py`` fails if a transformers release changes these methods.
+    Trainer's. A third, ``_prepare_for_training``, lets a DeepSpeed ZeRO checkpoint resume on another number of
+    processes. ``tests/finetune/test_checkpoints.py`` fails if a transformers release changes these methods.
 
     ``checkpoint_files`` maps file names to text written into every checkpoint (the run's config).
     """
@@ -83,6 +84,34 @@ class CheckpointTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.checkpoint_files = dict(checkpoint_files or {})
         self._staging: Optional[str] = None
+
+    def _prepare_for_training(self, max_steps: Any, train_dataloader: Any, resume_from_checkpoint: Any) -> Any:
+        """The Trainer's, except that a DeepSpeed ZeRO checkpoint written by another number of processes is loaded
+        with :func:`lorapro.integrations.deepspeed.load_checkpoint` (which re-slices LoRA-Pro's state) instead of
+        ``engine.load_checkpoint``, which refuses another world size. A private method of the Trainer, like the
+        two below: it is where the Trainer loads a DeepSpeed checkpoint (``deepspeed_load_checkpoint``), with no
+        hook; ``tests/finetune/test_checkpoints.py`` fails if a release changes it."""
+        resharded = False
+        if self.is_deepspeed_enabled and resume_from_checkpoint is not None:
+            from lorapro.integrations.deepspeed import checkpoint_world_size
+
+            saved = checkpoint_world_size(resume_from_checkpoint)
+            resharded = saved is not None and saved != self.args.world_size
+        if not resharded:
+            return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        from transformers import trainer as hf_trainer  # _is_peft_model: defined there (4.x) or imported (5.x)
+
+        from lorapro.integrations.deepspeed import load_checkpoint
+
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
+        load_path, _ = load_checkpoint(self.model_wrapped, resume_from_checkpoint,
+                                       load_module_strict=not hf_trainer._is_peft_model(self.model))
+        if load_path is None:
+            raise ValueError(f"[deepspeed] failed to resume from checkpoint {resume_from_checkpoint}")
+        self._load_optimizer_and_scheduler(resume_from_checkpoint)  # what the Trainer does after its own load
+        if hasattr(self, "_load_scaler"):
+            self._load_scaler(resume_from_checkpoint)
+        return model, train_dataloader
 
     def _get_output_dir(self, trial: Any) -> str:
         return self._staging if self._staging is not None else super()._get_output_dir(trial)

@@ -58,26 +58,33 @@ ZeRO stage 0: :class:`lorapro.LoRAProAdamW` / :class:`lorapro.LoRAProSGD` as the
 
 Checkpoints
     ``engine.save_checkpoint`` / ``load_checkpoint`` (and the Trainer's checkpoints) work at every stage. At ZeRO
-    1-3 every rank writes its own optimizer file, holding the state of the pairs it owns (keyed by pair name) and
-    of its partition of the other parameters, so a checkpoint resumes with the same number of data-parallel
-    ranks; loading it with another number raises an error that says so.
+    1-3 every rank writes its own optimizer file, holding the state of the pairs it owns (keyed by pair name), the
+    state of its partition of the other parameters, and where each of those parameters lies in that partition.
+    With the same number of data-parallel ranks ``engine.load_checkpoint`` resumes it. With another number
+    DeepSpeed's loader refuses; :func:`load_checkpoint` (and ``lorapro train``'s resume) loads it then, at every
+    stage: every rank reads every rank's file, keeps the pairs it now steps and re-slices the other parameters'
+    state and DeepSpeed's fp32 masters. DeepSpeed's universal checkpoints do not carry the per-pair state and are
+    refused.
 
 What is refused, with an error naming the alternative (:func:`check_deepspeed_config`, and at the first step)
     * a plain ``LoRAProAdamW`` at ZeRO stage >= 1 (use ``DeepSpeedLoRAProAdamW`` with the same arguments);
     * an ``"optimizer"`` section in the DeepSpeed config (DeepSpeed would build its own Adam and LoRA-Pro would
       not run: remove it);
     * ``zero_optimization.elastic_checkpoint`` (it re-slices the optimizer state elementwise across ranks, which
-      pair-keyed state does not survive), NVMe optimizer offload and ZeRO-3's partial offload
+      pair-keyed state does not survive; :func:`load_checkpoint` resumes on another number of ranks instead),
+      ``checkpoint.load_universal`` (universal checkpoints drop the per-pair state), NVMe optimizer offload and
+      ZeRO-3's partial offload
       (``offload_optimizer.ratio`` < 1, which steps part of the partitions with a second, built-in AdamW);
     * a LoRA param group split over several ZeRO-3 sub-groups (raise ``zero_optimization.sub_group_size``).
 
 Usage::
 
-    from lorapro.integrations.deepspeed import DeepSpeedLoRAProAdamW, initialize, save_checkpoint
+    from lorapro.integrations.deepspeed import DeepSpeedLoRAProAdamW, initialize, load_checkpoint, save_checkpoint
     opt = DeepSpeedLoRAProAdamW(peft_model, lr=2e-5, mode="full")     # arguments as LoRAProAdamW
     engine, opt, _, _ = initialize(model=peft_model, optimizer=opt, config="ds_zero2.json")
     ... engine.backward(loss); engine.step() ...
     save_checkpoint(engine, "ckpt")                                   # all ranks
+    load_checkpoint(engine, "ckpt")                                   # all ranks; any number of them
 
 With the Hugging Face Trainer (``lorapro train ... train.deepspeed=ds.json``),
 :func:`lorapro.integrations.transformers.lorapro_optimizer_cls_and_kwargs` picks the class from the config's stage.
@@ -87,6 +94,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -106,6 +114,8 @@ __all__ = [
     "zero_stage",
     "initialize",
     "save_checkpoint",
+    "load_checkpoint",
+    "checkpoint_world_size",
     "lorapro_optimizer_of",
 ]
 
@@ -168,7 +178,8 @@ def check_deepspeed_config(config: ConfigT) -> Dict[str, Any]:
         raise ValueError(
             "DeepSpeed config has zero_optimization.elastic_checkpoint = true. It re-slices the optimizer state "
             "elementwise when the number of GPUs changes, which LoRA-Pro's per-pair state does not survive. Set it "
-            "to false (the default); checkpoints then resume with the same number of data-parallel processes."
+            "to false (the default): lorapro.integrations.deepspeed.load_checkpoint (and lorapro train's resume) "
+            "loads LoRA-Pro's ZeRO checkpoints on another number of processes."
         )
     if devices["offload_optimizer"] not in (None, "none", "cpu"):
         raise ValueError(
@@ -182,6 +193,13 @@ def check_deepspeed_config(config: ConfigT) -> Dict[str, Any]:
             f"DeepSpeed config has zero_optimization.offload_optimizer.ratio = {ratio}: partial offload steps part of "
             "the partitions with a built-in AdamW instead of the client optimizer, so LoRA-Pro would not run there. "
             "Remove 'ratio' (offload everything) or the offload."
+        )
+    if (cfg.get("checkpoint") or {}).get("load_universal"):
+        raise ValueError(
+            "DeepSpeed config has checkpoint.load_universal = true. A universal checkpoint (ds_to_universal) keeps "
+            "DeepSpeed's per-parameter fp32 weights and Adam moments, not LoRA-Pro's per-pair state, which would be "
+            "silently reset. Remove it: lorapro.integrations.deepspeed.load_checkpoint (and lorapro train's resume) "
+            "loads a LoRA-Pro ZeRO checkpoint on another number of processes directly."
         )
     return cfg
 
@@ -219,6 +237,178 @@ def save_checkpoint(engine: Any, save_dir: Union[str, Path], tag: Optional[str] 
     if opt is not None:
         opt.consolidate_state_dict(to=0)
     return engine.save_checkpoint(str(save_dir), tag=tag, **kwargs)
+
+
+_OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+
+
+def _resolve_tag(load_dir: Union[str, Path], tag: Optional[str]) -> Optional[str]:
+    if tag is not None:
+        return str(tag)
+    latest = Path(load_dir) / "latest"
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def _optim_files(folder: Path) -> List[Path]:
+    """The ZeRO optimizer files of a checkpoint folder, by data-parallel rank (model parallelism is not supported)."""
+    found: Dict[int, Path] = {}
+    for f in folder.iterdir():
+        m = _OPTIM_FILE.match(f.name)
+        if m is None:
+            continue
+        if int(m.group(2)) != 0:
+            raise ValueError(f"{folder} holds model-parallel ZeRO files ({f.name}); LoRA-Pro supports data "
+                             "parallelism only.")
+        found[int(m.group(1))] = f
+    if sorted(found) != list(range(len(found))):
+        raise ValueError(f"{folder} holds ZeRO optimizer files of ranks {sorted(found)}: some are missing.")
+    return [found[r] for r in range(len(found))]
+
+
+def checkpoint_world_size(load_dir: Union[str, Path], tag: Optional[str] = None) -> Optional[int]:
+    """The number of data-parallel processes that wrote a DeepSpeed ZeRO (stage >= 1) checkpoint: its number of
+    ``zero_pp_rank_*_optim_states.pt`` files. ``None`` for a stage-0 checkpoint or when there is none."""
+    tag = _resolve_tag(load_dir, tag)
+    folder = Path(load_dir) / tag if tag is not None else None
+    if folder is None or not folder.is_dir():
+        return None
+    return len(_optim_files(folder)) or None
+
+
+_ZERO3_STATES = ("module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
+                 "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "skipped_steps",
+                 "global_steps", "global_samples", "dp_world_size", "mp_world_size")
+
+
+@torch.no_grad()
+def _load_zero3_model(engine: Any, folder: Path, saved: int, masters: Dict[str, torch.Tensor],
+                      load_module_strict: bool = True,
+                      load_lr_scheduler_states: bool = True, load_optimizer_states: bool = True,
+                      load_module_only: bool = False, custom_load_fn: Any = None) -> Tuple[str, Dict[str, Any]]:
+    """ZeRO-3 on another number of ranks: what ``engine.load_checkpoint(..., load_optimizer_states=False)`` loads,
+    done here because DeepSpeed reads the model file of this rank's number and copies its saved slice of every
+    frozen weight as it is (see :func:`load_checkpoint`). Every weight's slice is cut from the full weight:
+    frozen ones from all ranks' ``frozen_param_fragments``, trainable ones (their bf16/fp32 copies) from the fp32
+    ``masters`` (which :func:`load_checkpoint` then writes into the optimizer's partitions)."""
+    if custom_load_fn is not None:
+        raise ValueError("load_checkpoint: custom_load_fn is not supported when a ZeRO-3 checkpoint changes the "
+                         "number of processes.")
+    files = [folder / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(saved)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise ValueError(f"{folder} lacks the ZeRO-3 model-states files {missing}.")
+    states = [torch.load(f, map_location="cpu", weights_only=False, mmap=True) for f in files]
+    ckpt = states[0]
+    if ckpt.get("data_sampler") is not None or ckpt.get("random_ltd") is not None:
+        raise ValueError("load_checkpoint: a ZeRO-3 checkpoint with curriculum learning / random-LTD state cannot "
+                         "change the number of processes; resume with the number that wrote it.")
+    opt = engine.optimizer
+    opt.checkpoint_event_prologue()  # every parameter partitioned (as DeepSpeed's own load does)
+    rank = dist.get_rank(group=opt.dp_process_group)
+    names = set()
+    for name, p in engine.module.named_parameters():
+        names.add(name)
+        if p.requires_grad:
+            value = masters[name]
+        else:
+            pieces = [st["frozen_param_fragments"][name] for st in states]
+            value = torch.cat([t.flatten() for t in pieces])[:math.prod(_full_shape(p))]
+        if hasattr(p, "ds_id"):
+            n = p.ds_tensor.numel()
+            piece = value.flatten()[rank * n:(rank + 1) * n]
+            p.ds_tensor.data.zero_()
+            p.ds_tensor.data[:piece.numel()].copy_(piece)
+        else:
+            p.data.copy_(value.view(p.shape))
+    module = ckpt["module"]
+    for name, b in engine.module.named_buffers():
+        if name in module:
+            b.copy_(module[name])
+    if load_module_strict:
+        unknown = [k for k in module if k not in names and k not in dict(engine.module.named_buffers())]
+        if unknown:
+            raise ValueError(f"The checkpoint's module has entries this model lacks: {unknown[:5]}")
+    opt.checkpoint_event_epilogue()  # persistent parameters gathered again
+    if load_module_only:
+        return str(files[0]), {}
+    if load_lr_scheduler_states and engine.lr_scheduler is not None:
+        engine.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+    engine.global_steps = ckpt["global_steps"]
+    engine.global_samples = ckpt.get("global_samples", engine.global_steps * engine.train_batch_size())
+    engine.skipped_steps = ckpt["skipped_steps"]
+    engine.loaded_checkpoint_mp_world_size = ckpt["mp_world_size"]
+    engine.loaded_checkpoint_dp_world_size = ckpt["dp_world_size"]
+    return str(files[0]), {k: v for k, v in ckpt.items() if k not in _ZERO3_STATES}
+
+
+def load_checkpoint(engine: Any, load_dir: Union[str, Path], tag: Optional[str] = None, **kwargs: Any) -> Any:
+    """``engine.load_checkpoint`` that also resumes a LoRA-Pro ZeRO checkpoint on another number of processes.
+
+    Same arguments and return value as ``engine.load_checkpoint``; call it on every rank. With the number of
+    processes that wrote the checkpoint (or at stage 0, or with ``load_optimizer_states=False``) it *is*
+    ``engine.load_checkpoint``. Otherwise DeepSpeed's own loader refuses ("Automatic adjustment of ZeRO's
+    optimizer state partitioning with a new world size is not currently supported"), so the load is done in
+    three parts, every one of them exact:
+
+    1. ``engine.load_checkpoint(..., load_optimizer_states=False)``: the model (its bf16/fp32 weights), the LR
+       scheduler, the step counters and the client state, which DeepSpeed loads on any number of processes at
+       ZeRO-1/2. At ZeRO-3 DeepSpeed cannot (each rank reads the model file of its own rank number, missing when
+       the number grew, and copies its saved slice of every frozen weight as it is, of the wrong size when the
+       number shrank), so :func:`_load_zero3_model` loads the same things, each weight's new slice cut from the
+       full weight;
+    2. the fp32 master weights of the trainable parameters, from all ranks' partitions by DeepSpeed's own
+       consolidation (``deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint``) written into
+       this rank's partition with ``deepspeed.utils.safe_set_full_fp32_param`` (so bf16 runs resume from the fp32
+       masters, not from their bf16 copies);
+    3. the optimizer state, from every rank's ``*_optim_states.pt``: :meth:`DeepSpeedLoRAProAdamW.load_zero_shards`
+       (LoRA pairs by name, each now kept by the rank that steps it; the other parameters' moments re-sliced
+       elementwise).
+
+    Not restored on another number of processes: fp16's dynamic loss scale (it restarts from the config's
+    initial scale; bf16 and fp32 have none). Refused there: curriculum-learning / random-LTD state and
+    ``custom_load_fn`` at ZeRO-3. Memory: every rank reads all ranks' optimizer files (memory-mapped; LoRA-sized
+    state) and, at ZeRO-3, each frozen weight whole, one at a time. DeepSpeed's universal checkpoints
+    (``ds_to_universal`` + ``"checkpoint": {"load_universal": true}``) do not carry LoRA-Pro's pair state and are
+    refused by :func:`check_deepspeed_config`.
+    """
+    ours = lorapro_optimizer_of(getattr(engine, "optimizer", None))
+    tag = _resolve_tag(load_dir, tag)
+    saved = checkpoint_world_size(load_dir, tag)
+    world = getattr(engine, "seq_dp_world_size", None) or engine.dp_world_size  # what DeepSpeed compares
+    if (saved is None or saved == world or not isinstance(ours, _ZeroStep)
+            or not kwargs.get("load_optimizer_states", True) or kwargs.get("load_module_only", False)):
+        return engine.load_checkpoint(str(load_dir), tag=tag, **kwargs)
+    from deepspeed.utils import safe_set_full_fp32_param
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    folder = Path(load_dir) / tag
+    fp32 = get_fp32_state_dict_from_zero_checkpoint(str(load_dir), tag=tag, exclude_frozen_parameters=True,
+                                                    lazy_mode=True)  # ZeRO-3: gathered one tensor at a time
+    masters = {}
+    for name, p in engine.module.named_parameters():
+        if p.requires_grad:
+            if name not in fp32:
+                raise ValueError(f"The checkpoint in {folder} has no fp32 weights for trainable parameter '{name}'.")
+            masters[name] = fp32[name] if torch.is_tensor(fp32[name]) else fp32[name].contiguous()
+    if engine.zero_optimization_partition_weights():
+        load_path, client_state = _load_zero3_model(engine, folder, saved, masters, **kwargs)
+    else:
+        kwargs["load_optimizer_states"] = False
+        load_path, client_state = engine.load_checkpoint(str(load_dir), tag=tag, **kwargs)
+        if load_path is None:
+            return load_path, client_state
+    for name, p in engine.module.named_parameters():
+        if p.requires_grad:
+            safe_set_full_fp32_param(p, masters[name])
+    shards = []
+    for f in _optim_files(folder):
+        zsd = torch.load(f, map_location="cpu", weights_only=False, mmap=True)["optimizer_state_dict"]
+        shards.append(zsd.get("base_optimizer_state", zsd.get("optimizer_state_dict")))
+    if any(isinstance(sd, list) for sd in shards):
+        raise ValueError(f"{folder} is an elastic ZeRO checkpoint (zero_optimization.elastic_checkpoint), which "
+                         "LoRA-Pro does not write; it cannot be loaded here.")
+    ours.load_zero_shards(shards)
+    return load_path, client_state
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,9 +450,10 @@ def _read_slices(factors: Sequence[torch.Tensor], flat: torch.Tensor, group_inde
             sub, dest, n = opt.grad_position[opt.get_param_id(p)]
             if opt.fp32_partitioned_groups_flat[sub] is not flat:
                 raise ValueError(
-                    "A LoRA param group is split over several ZeRO-3 sub-groups, which DeepSpeed steps one at a "
-                    "time, so the (A, B) pairs are not all available in one step. Raise zero_optimization."
-                    "sub_group_size above the number of trainable LoRA parameters (e.g. 1e9, DeepSpeed's default)."
+                    "A param group is split over several ZeRO-3 sub-groups, which DeepSpeed steps one at a time, so "
+                    "the (A, B) pairs are not all available in one step (and a checkpoint's partitions cannot be "
+                    "matched by group). Raise zero_optimization.sub_group_size above the number of trainable "
+                    "parameters of a group (e.g. 1e9, DeepSpeed's default)."
                 )
             start = dist.get_rank(group=p.ds_process_group) * n
             numel = max(0, min(n, p.ds_numel - start))
@@ -373,8 +564,10 @@ class _ZeroStep:
         # The model's factors of each LoRA group, kept before DeepSpeed replaces group["params"] by its partition;
         # "zero_index" names the group inside DeepSpeed (its param groups keep our order).
         self._zero_factors: Dict[int, List[torch.Tensor]] = {}
+        self._zero_params: Dict[int, List[torch.Tensor]] = {}  # every group's model parameters, in group order
         for gi, group in enumerate(self.param_groups):  # type: ignore[attr-defined]
             group["zero_index"] = gi
+            self._zero_params[gi] = list(group["params"])
             if group["lora"]:
                 self._zero_factors[gi] = list(group["params"])
         self._gathered: Dict[int, _GatheredGroup] = {}
@@ -440,9 +633,51 @@ class _ZeroStep:
                 return g
         raise KeyError(gi)
 
+    def _partition_of(self, gi: int) -> Optional[torch.Tensor]:
+        """The flat fp32 partition DeepSpeed keeps for param group ``gi`` on this rank (the tensor our state of a
+        non-LoRA group is keyed by); ``None`` when the group is not partitioned (no ZeRO)."""
+        params = self._zero_params[gi]
+        if not params:
+            return None
+        p0 = params[0]
+        if hasattr(p0, "ds_id"):  # ZeRO-3 empties group["params"] between steps: look the partition up
+            opt = p0._z3_optimizer
+            subs = {opt.grad_position[opt.get_param_id(p)][0] for p in params}
+            if len(subs) != 1:
+                raise ValueError(
+                    "A param group is split over several ZeRO-3 sub-groups, so its checkpointed partitions cannot be "
+                    "matched by group. Raise zero_optimization.sub_group_size above the number of trainable "
+                    "parameters of a group (e.g. 1e9, DeepSpeed's default)."
+                )
+            return opt.fp32_partitioned_groups_flat[subs.pop()]
+        if not hasattr(p0, "_hp_mapping"):
+            return None
+        flats = [p for p in self._group_by_index(gi)["params"] if p.numel() > 0]
+        if len(flats) != 1:
+            raise _layout_error(f"{len(flats)} partitions in param group {gi}, expected one")
+        return flats[0]
+
+    def _plain_fragments(self) -> Dict[str, Dict[str, Any]]:
+        """Where each parameter of each non-LoRA group lies in this rank's partition of the group: ``{group index:
+        {"numel": partition size, "shapes": [...], "slices": [(offset in partition, offset in the flattened
+        parameter, count) or None, ...]}}``. Saved with the state so that another number of ranks can re-slice it."""
+        out: Dict[str, Dict[str, Any]] = {}
+        for gi, params in self._zero_params.items():
+            if gi in self._zero_factors or not params:
+                continue
+            flat = self._partition_of(gi)
+            if flat is None:
+                continue
+            slices, _ = _local_slices(params, flat, gi)
+            out[str(gi)] = {"numel": flat.numel(), "shapes": [list(_full_shape(p)) for p in params],
+                            "slices": [list(sl) if sl is not None else None for sl in slices]}
+        return out
+
     def state_dict(self) -> Dict[str, Any]:
-        """The optimizer state. Under ZeRO: this rank's partitions' state as usual, plus the state of the LoRA pairs
-        this rank steps under ``"lorapro_zero"`` (by pair name), with the world size it is valid for."""
+        """The optimizer state. Under ZeRO: this rank's partitions' state as usual, plus under ``"lorapro_zero"``
+        the state of the LoRA pairs this rank steps (by pair name), the world size, and where each non-LoRA
+        parameter lies in this rank's partitions (so :func:`load_checkpoint` can re-slice it for another world
+        size)."""
         if not self._gathered and not self._pending_pair_state:
             return super().state_dict()  # type: ignore[misc]
         views = self._pair_views()
@@ -458,11 +693,12 @@ class _ZeroStep:
                 pairs.setdefault(name, {})[half] = full[v]
         world = (dist.get_world_size(group=next(iter(self._gathered.values())).group) if self._gathered
                  else self._pending_world)
-        sd[ZERO_STATE_KEY] = {"pairs": pairs, "world_size": world}
+        sd[ZERO_STATE_KEY] = {"pairs": pairs, "world_size": world, "plain": self._plain_fragments()}
         return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Load a state dict from :meth:`state_dict`; under ZeRO, the one this rank saved (same world size)."""
+        """Load a state dict from :meth:`state_dict`; under ZeRO, the one this rank saved (same world size; for
+        another world size :func:`load_checkpoint` reads every rank's file and calls :meth:`load_zero_shards`)."""
         zero = state_dict.get(ZERO_STATE_KEY)
         if zero is None:
             super().load_state_dict(state_dict)  # type: ignore[misc]
@@ -470,11 +706,11 @@ class _ZeroStep:
         world = dist.get_world_size() if dist.is_initialized() else 1
         if zero["world_size"] != world:
             raise ValueError(
-                f"This LoRA-Pro ZeRO checkpoint was saved by {zero['world_size']} data-parallel processes and is "
-                f"being loaded by {world}: each process saved the state of the LoRA pairs it stepped, and which "
-                "process steps which pair depends on their number. Resume with the same number of processes, or "
-                "train with ZeRO stage 0 and LoRAProAdamW(..., shard_state=True), whose checkpoints load on any "
-                "number of processes."
+                f"This LoRA-Pro ZeRO state dict was saved by {zero['world_size']} data-parallel processes and is "
+                f"being loaded by {world}: each process saved the state of the LoRA pairs it stepped and of its "
+                "partition of the other parameters. To resume a DeepSpeed checkpoint on another number of processes, "
+                "load it with lorapro.integrations.deepspeed.load_checkpoint(engine, dir), which reads every "
+                "process's file and re-slices the state (lorapro train does this when resuming)."
             )
         rest = {k: v for k, v in state_dict.items() if k != ZERO_STATE_KEY}
         super().load_state_dict(rest)  # type: ignore[misc]
@@ -482,6 +718,101 @@ class _ZeroStep:
         self._pending_world = zero["world_size"]
         for gi, gathered in self._gathered.items():  # already stepping: apply now
             self._apply_pending_state(self._group_by_index(gi), gathered)
+
+    @torch.no_grad()
+    def load_zero_shards(self, shards: Sequence[Dict[str, Any]]) -> None:
+        """Load the state dicts that *all* ranks of a ZeRO run saved (:meth:`state_dict` of rank 0, 1, ... of any
+        number of ranks) into this rank of the current run.
+
+        LoRA pairs: the state of every saved pair is kept by name until the first step, where each rank keeps
+        the pairs it now owns (:meth:`_apply_pending_state`). Other parameters: their elementwise state (Adam's
+        moments, SGD's momentum) is cut from each saved rank's partition by the recorded slices and written into
+        this rank's partition at the parameter's new place; step counts are taken from rank 0. Hyperparameters
+        (lr, betas, ...) come from rank 0's param groups. DeepSpeed's fp32 master weights are not here:
+        :func:`load_checkpoint` restores them.
+        """
+        if not shards:
+            raise ValueError("load_zero_shards needs the state dict of every saved rank; got none.")
+        zeros = [sd.get(ZERO_STATE_KEY) for sd in shards]
+        if any(z is None for z in zeros):
+            if all(z is None for z in zeros) and not any(sd.get("state") for sd in shards):
+                return  # saved before any step: nothing to re-slice
+            raise ValueError(
+                "These optimizer state dicts were not all written by DeepSpeedLoRAProAdamW / DeepSpeedLoRAProSGD under "
+                "ZeRO (no 'lorapro_zero' entry), so they cannot be re-sliced for another number of processes."
+            )
+        if any(z["world_size"] != len(shards) for z in zeros):
+            raise ValueError(
+                f"Got {len(shards)} ranks' state dicts, but they say they were saved by "
+                f"{sorted({z['world_size'] for z in zeros})} processes: a rank's file is missing or from another run."
+            )
+        groups = self.param_groups  # type: ignore[attr-defined]
+        saved_groups = shards[0]["param_groups"]
+        if len(saved_groups) != len(groups):
+            raise ValueError(f"The checkpoint has {len(saved_groups)} param groups, this optimizer {len(groups)}.")
+        for gi, (group, saved) in enumerate(zip(groups, saved_groups)):
+            for key in ("lora", "mode", "pair_names"):
+                if group.get(key) != saved.get(key):
+                    raise ValueError(
+                        f"Param group {gi}: the checkpoint has {key}={saved.get(key)!r}, this optimizer "
+                        f"{group.get(key)!r}. Create the optimizer (and the adapter) as the checkpoint was saved with."
+                    )
+            if any(not math.isclose(float(a), float(b), rel_tol=1e-12)
+                   for a, b in zip(saved.get("scalings", []), group.get("scalings", []))):
+                raise ValueError(
+                    f"Param group {gi}: the LoRA scales (lora_alpha / r) changed since the checkpoint was saved. "
+                    "Resume with the LoRA configuration the checkpoint was trained with, or start a fresh optimizer."
+                )
+            group.update({k: v for k, v in saved.items() if k not in ("params", "zero_index")})
+        pairs: Dict[str, Dict[str, Any]] = {}
+        for z in zeros:
+            pairs.update({name: dict(halves) for name, halves in z["pairs"].items()})
+        self._pending_pair_state = pairs
+        self._pending_world = dist.get_world_size() if dist.is_initialized() else 1
+        for gi, params in self._zero_params.items():
+            if gi not in self._zero_factors:
+                self._load_plain_group(gi, params, shards, zeros)
+        for gi, gathered in self._gathered.items():  # already stepping: apply now
+            self._apply_pending_state(self._group_by_index(gi), gathered)
+
+    def _load_plain_group(self, gi: int, params: List[torch.Tensor], shards: Sequence[Dict[str, Any]],
+                          zeros: Sequence[Dict[str, Any]]) -> None:
+        flat = self._partition_of(gi)
+        saved_states = []
+        for sd, z in zip(shards, zeros):
+            frag = z.get("plain", {}).get(str(gi))
+            idx = sd["param_groups"][gi]["params"]
+            state = sd["state"].get(idx[0]) if len(idx) == 1 else None
+            if state and frag is None:
+                raise ValueError(
+                    f"Param group {gi}'s state in the checkpoint carries no partition layout (a checkpoint written "
+                    "before LoRA-Pro recorded it); resume it with the number of processes that wrote it."
+                )
+            if state:
+                if frag["shapes"] != [list(_full_shape(p)) for p in params]:
+                    raise ValueError(f"Param group {gi} of the checkpoint has parameters of shapes {frag['shapes']}, "
+                                     "this model others: the checkpoint is of another model.")
+                saved_states.append((state, frag))
+        if not saved_states or flat is None:
+            return
+        slices, _ = _local_slices(params, flat, gi)
+        new: Dict[str, Any] = {}
+        for key, value in saved_states[0][0].items():
+            if not (torch.is_tensor(value) and value.dim() == 1 and value.numel() == saved_states[0][1]["numel"]):
+                new[key] = value.clone() if torch.is_tensor(value) else value  # a step count: the same on every rank
+                continue
+            out = torch.zeros(flat.shape, dtype=value.dtype, device=flat.device)
+            for state, frag in saved_states:  # copy the overlap of each saved piece with this rank's piece
+                src = state[key]
+                for sl_new, sl_old in zip(slices, frag["slices"]):
+                    if sl_new is None or sl_old is None:
+                        continue
+                    (at, full_at, numel), (o_at, o_full_at, o_numel) = sl_new, sl_old
+                    lo, hi = max(full_at, o_full_at), min(full_at + numel, o_full_at + o_numel)
+                    if lo < hi:
+                        out[at + lo - full_at:at + hi - full_at] = src[o_at + lo - o_full_at:o_at + hi - o_full_at]
+            new[key] = out
+        self.state[flat] = new  # type: ignore[has-type]
 
     def _apply_pending_state(self, group: Dict[str, Any], gathered: _GatheredGroup) -> None:
         if not self._pending_pair_state:
