@@ -55,11 +55,15 @@ def test_zero_stage0_bf16_steps_fp32_masters_and_sharding_changes_nothing(ds_run
     close(sharded, plain, rtol=0, atol=0)
     close(load(out, "ds_bf16_sharded", 1), sharded, rtol=0, atol=0)
     init, want = params_of(make_model()), one_process()
-    for n in want:  # bf16 forward/backward and bf16-rounded weights: the update points where the fp32 one does
+    for n in want:  # bf16 forward/backward and bf16-rounded weights: the update is the fp32 one up to bf16 noise
         got, ref = (plain[n] - init[n]).flatten(), (want[n] - init[n]).flatten()
         assert torch.nn.functional.cosine_similarity(got, ref, dim=0) > 0.98, n
-        assert 0.7 < got.norm() / ref.norm() < 1.3, n
+        # measured 0.993-1.010; 0.85 (every bias correction one step late) when DeepSpeed's zero-gradient set-up
+        # step counts as a training step
+        assert 0.97 < got.norm() / ref.norm() < 1.03, n
     assert meta[0]["wrapper_bf16_True"] == "FP16_UnfusedOptimizer"  # per-parameter fp32 masters, pairs intact
+    for shard in (False, True):  # DeepSpeed's set-up call to step() with zero gradients is not counted
+        assert meta[0][f"steps_bf16_{shard}"] == [float(STEPS)], meta[0][f"steps_bf16_{shard}"]
 
 
 def test_checkpoint_with_sharded_state_resumes_exactly(ds_run):

@@ -112,3 +112,45 @@ def test_lorapro_optimizer_is_found_inside_wrappers():
     wrapped = SimpleNamespace(optimizer=SimpleNamespace(optimizer=opt))  # e.g. accelerate over DeepSpeed's wrapper
     assert lorapro_optimizer_of(wrapped) is opt
     assert lorapro_optimizer_of(SimpleNamespace(optimizer=None)) is None
+
+
+def _zero_grad_step(model, opt):
+    """Zero gradients on every trainable parameter, one step(): (did a parameter move, was any state created)."""
+    import torch
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    opt.step()
+    moved = any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+    return moved, any(len(st) for st in opt.state.values())
+
+
+@pytest.mark.parametrize("zero", [0, 2])
+def test_deepspeeds_zero_gradient_set_up_step_is_not_a_training_step(zero):
+    """DeepSpeed's fp16/bf16 wrapper at stage 0 sets every gradient to zero and calls step() once while it sets up;
+    counted, it would put every Adam bias correction one step late and apply weight decay once. The optimizers the
+    Trainer path builds (DeepSpeedLoRAProAdamW at ZeRO >= 1) skip that call, and only that one."""
+    import torch
+
+    from lorapro import LoRAProAdamW
+    from lorapro.integrations.transformers import lorapro_optimizer_cls_and_kwargs
+
+    from dist_toy import make_model
+
+    model = make_model()
+    assert _zero_grad_step(model, LoRAProAdamW(model, lr=1e-2, weight_decay=0.1)) == (True, True)  # plain: counted
+    model = make_model()
+    build, kwargs = lorapro_optimizer_cls_and_kwargs(
+        model, args(deepspeed={"zero_optimization": {"stage": zero}}, weight_decay=0.1, learning_rate=1e-2))
+    opt = build(kwargs.pop("model"), **kwargs)
+    assert _zero_grad_step(model, opt) == (False, False), type(opt).__name__
+    torch.manual_seed(0)
+    for p in model.parameters():  # a real gradient: a real step, and from then on every call counts
+        if p.requires_grad:
+            p.grad = torch.randn_like(p)
+    opt.step()
+    assert {float(st["step"]) for st in opt.state.values() if "step" in st} == {1.0}
+    assert _zero_grad_step(model, opt)[1]
+    assert {float(st["step"]) for st in opt.state.values() if "step" in st} == {2.0}

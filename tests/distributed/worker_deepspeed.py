@@ -171,6 +171,9 @@ def main() -> None:
                                         config=config(0, **extra))
                 meta[f"wrapper_{precision}_{shard}"] = type(engine.optimizer).__name__
                 run(engine, 0, STEPS)
+                inner = engine.optimizer.optimizer if precision else engine.optimizer
+                meta[f"steps_{precision}_{shard}"] = sorted({float(st["step"]) for st in inner.state.values()
+                                                             if "step" in st})
                 torch.save(full_params(engine), os.path.join(out, f"ds_{precision}_{'sharded' if shard else 'plain'}"
                                                                    f"_rank{rank}.pt"))
         checkpoint("ds_resumed", 0, make=lambda kind, model: make_opt(kind, model, shard_state=True))

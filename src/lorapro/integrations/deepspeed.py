@@ -54,7 +54,9 @@ ZeRO stage 1, 2, 3: :class:`DeepSpeedLoRAProAdamW` / :class:`DeepSpeedLoRAProSGD
 ZeRO stage 0: :class:`lorapro.LoRAProAdamW` / :class:`lorapro.LoRAProSGD` as the client optimizer
     DeepSpeed does the data-parallel all-reduce, accumulation, clipping, LR scheduling and checkpoints; LoRA-Pro
     steps the real A and B (with ``"bf16"``, DeepSpeed's unfused wrapper's fp32 masters of the same shapes).
-    ``LoRAProAdamW(..., shard_state=True)`` splits its state by pairs (:mod:`lorapro.distributed`).
+    ``LoRAProAdamW(..., shard_state=True)`` splits its state by pairs (:mod:`lorapro.distributed`). That
+    wrapper calls ``step()`` once with zero gradients while it sets up, which would put every Adam bias correction
+    one step late; :func:`initialize` and the Trainer path skip that call (:func:`_is_deepspeed_init_step`).
 
 Checkpoints
     ``engine.save_checkpoint`` / ``load_checkpoint`` (and the Trainer's checkpoints) work at every stage. At ZeRO
@@ -223,7 +225,60 @@ def initialize(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, conf
         cfg.setdefault("zero_allow_untested_optimizer", True)
         if ((cfg.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device") == "cpu":
             cfg.setdefault("zero_force_ds_cpu_optimizer", False)
+    if not isinstance(optimizer, _ZeroStep):  # (_ZeroStep.step checks for it itself)
+        _skip_deepspeed_init_step(optimizer)
     return deepspeed.initialize(model=model, optimizer=optimizer, config=cfg, **kwargs)
+
+
+def _is_deepspeed_init_step(opt: torch.optim.Optimizer, closure: Any) -> bool:
+    """Whether this ``step()`` call is the one DeepSpeed makes while it sets up, before any backward.
+
+    DeepSpeed's fp16/bf16 wrapper at ZeRO stage 0 (``FP16_UnfusedOptimizer.initialize_optimizer_states``; ZeRO
+    1-3 no longer do this in the releases we test) sets every gradient to zero and calls the client optimizer's ``step()`` once, to
+    make Adam create its state. For any Adam that call is not neutral — it counts as step 1, so every later bias
+    correction is one step late (the first real update about 25% short; measured on our 2-process test: parameters
+    ~15% short of the fp32 run after 4 steps, with ``torch.optim.AdamW`` as with LoRA-Pro), and weight decay is
+    applied once. LoRA-Pro creates its state at the first real step, so that call is skipped: a call without a
+    closure, before the optimizer has taken any step or loaded any state, with every gradient zero or missing.
+    """
+    if closure is not None or opt.__dict__.get("_lorapro_stepped"):
+        return False
+    if any(len(st) for st in opt.state.values()) or any(
+        p.grad is not None and bool(p.grad.any()) for g in opt.param_groups for p in g["params"]
+    ):
+        opt.__dict__["_lorapro_stepped"] = True
+        return False
+    return True
+
+
+def skipping_deepspeed_init_step(cls: type) -> Any:
+    """``cls(...)`` with :func:`_skip_deepspeed_init_step` applied: what the Trainer builds at ZeRO stage 0 (it calls
+    the class of ``optimizer_cls_and_kwargs`` and hands the optimizer to ``deepspeed.initialize`` itself)."""
+    import functools
+
+    @functools.wraps(cls, updated=())
+    def build(*args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        opt = cls(*args, **kwargs)
+        _skip_deepspeed_init_step(opt)
+        return opt
+
+    return build
+
+
+def _skip_deepspeed_init_step(optimizer: torch.optim.Optimizer) -> None:
+    """Make ``optimizer.step`` skip DeepSpeed's set-up call (:func:`_is_deepspeed_init_step`) — an instance-level
+    wrapper around the step it has now (a scheduler's wrapper included), for LoRA-Pro optimizers that are not a
+    :class:`DeepSpeedLoRAProAdamW` / :class:`DeepSpeedLoRAProSGD` (those check in their own ``step``)."""
+    import types
+
+    inner = optimizer.step
+
+    def step(self: torch.optim.Optimizer, closure: Any = None) -> Any:
+        if _is_deepspeed_init_step(self, closure):
+            return None
+        return inner(closure)
+
+    optimizer.step = types.MethodType(step, optimizer)  # type: ignore[method-assign]
 
 
 def save_checkpoint(engine: Any, save_dir: Union[str, Path], tag: Optional[str] = None, **kwargs: Any) -> Any:
@@ -583,7 +638,12 @@ class _ZeroStep:
     def step(self, closure: Any = None) -> None:
         groups = self.param_groups  # type: ignore[attr-defined]
         if not any(g["lora"] and self._zero_partitioned(g) for g in groups):
-            return super().step(closure)  # type: ignore[misc]  # stage 0 / no DeepSpeed: the factors themselves
+            # stage 0 / no DeepSpeed: the factors themselves. Only here is the set-up call looked for: every rank
+            # holds the same full gradients, so all ranks agree; a rank's ZeRO partition can hold only exactly-zero
+            # gradients at a real first step (the A factors while B = 0), and skipping there would desynchronise.
+            if _is_deepspeed_init_step(self, closure):  # type: ignore[arg-type]
+                return None  # DeepSpeed's zero-gradient set-up call: not a training step
+            return super().step(closure)  # type: ignore[misc]
         if closure is not None:
             raise TypeError(f"{type(self).__name__}.step() does not take a closure.")
         for group in groups:

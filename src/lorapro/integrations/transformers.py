@@ -49,7 +49,7 @@ use weight decay 0.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple, Type
+from typing import Any, Callable, Dict, Tuple, Type
 
 import torch
 
@@ -82,7 +82,7 @@ def _optimizer_class(optimizer: str) -> Type[torch.optim.Optimizer]:
 
 def lorapro_optimizer_cls_and_kwargs(
     model: torch.nn.Module, args: Any = None, *, optimizer: str = "adamw", **overrides: Any
-) -> Tuple[Type[torch.optim.Optimizer], Dict[str, Any]]:
+) -> Tuple[Callable[..., torch.optim.Optimizer], Dict[str, Any]]:
     """``(LoRAProAdamW, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``.
 
     Args:
@@ -95,23 +95,27 @@ def lorapro_optimizer_cls_and_kwargs(
     each Trainer.
     """
     cls = _optimizer_class(optimizer)
+    stage0: Any = None
     if args is not None:
         from .distributed import check_trainer_args, trainer_deepspeed_config
 
         check_trainer_args(args)  # FSDP and DeepSpeed configs LoRA-Pro cannot run under are refused here
         ds_config = trainer_deepspeed_config(args)
         if ds_config is not None:
-            from .deepspeed import DeepSpeedLoRAProAdamW, DeepSpeedLoRAProSGD, zero_stage
+            from .deepspeed import DeepSpeedLoRAProAdamW, DeepSpeedLoRAProSGD, skipping_deepspeed_init_step, zero_stage
 
             if zero_stage(ds_config) >= 1:  # the pairs are reassembled from DeepSpeed's partitions in step()
                 cls = DeepSpeedLoRAProSGD if optimizer == "sgd" else DeepSpeedLoRAProAdamW
                 overrides.pop("shard_state", None)  # under ZeRO the state is always split by pairs
+            else:  # stage 0: the optimizer itself, skipping the zero-gradient step DeepSpeed's fp16/bf16
+                # wrapper takes while it sets up (lorapro.integrations.deepspeed._is_deepspeed_init_step)
+                stage0 = skipping_deepspeed_init_step(cls)
     kwargs = lorapro_optimizer_kwargs(args, **overrides)
     if issubclass(cls, _optimizer_class("sgd")):
         kwargs.pop("betas", None)
         kwargs.pop("eps", None)
     kwargs["model"] = model
-    return cls, kwargs
+    return stage0 or cls, kwargs
 
 
 def create_lorapro_optimizer(
