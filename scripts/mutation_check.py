@@ -4,7 +4,7 @@ A test suite that passes with a dropped square root or a wrong learning rate can
 such bug. For every mutant below this script copies ``src/`` to a temporary directory, changes the one line there
 (the working tree is never touched), runs the mutant's targeted tests against the copy and expects them to FAIL.
 
-    python scripts/mutation_check.py            # all 26 mutants: about 8 min on 2 shared cores (more when busy)
+    python scripts/mutation_check.py            # all 27 mutants: about 8 min on 2 shared cores (more when busy)
     python scripts/mutation_check.py -k sqrt    # the mutants whose name contains "sqrt"
     python scripts/mutation_check.py --list
 
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 CORE = ["tests/test_optim.py", "tests/test_math.py", "tests/test_fast_paths.py", "tests/test_factored.py",
         "tests/test_full_mode_blocks.py", "tests/test_singular_grams.py", "tests/test_reference_dtypes.py",
-        "tests/test_optim_hardening.py"]
+        "tests/test_optim_hardening.py", "tests/test_steps.py"]
 DISTRIBUTED = ["tests/distributed/test_optim_distributed.py"]
 
 
@@ -91,6 +91,9 @@ MUTANTS: List[Mutant] = [
     Mutant("full (fused blocks): bias correction one step off", "src/lorapro/steps.py",
            "[], [steps[i]], lr=1.0", "[], [steps[i] + 1], lr=1.0",
            first=("tests/test_optim.py",)),
+    Mutant("full (row shards): g̃ rows read at the shard's local offset", "src/lorapro/steps.py",
+           "torch.matmul(left[i, r0:r1], right[i], out=g)  # g̃", "torch.matmul(left[i, r0 - lo:r1 - lo], right[i], out=g)  # g̃",
+           first=("tests/test_steps.py",)),
     Mutant("factored: no bias correction of v", "src/lorapro/steps.py",
            "bc2 = torch.tensor([b[1] for b in bc], dtype=torch.float64)", "bc2 = torch.ones(len(bc), dtype=torch.float64)",
            first=("tests/test_factored.py",)),
