@@ -34,7 +34,8 @@ def cpu_blocks_pay_off() -> bool:
     waiting. Each op of a block is one more synchronisation of the intra-op thread pool, whose idle threads
     busy-wait by default — ruinous when other processes share the cores (2 threads on 2 busy cores: 10 s per
     step with 2^18-element blocks, 3.5 s with 2^22, 2.3 s with whole matrices, against 0.6 s on one thread). So
-    with several actively waiting threads a block is the whole matrix (fewest synchronisations)."""
+    with several actively waiting threads a block is the whole matrix (fewest synchronisations; the step's
+    temporaries are then g̃ and −D of the largest layer, 2·m·n elements)."""
     return torch.get_num_threads() == 1 or os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
 
 

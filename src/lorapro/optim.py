@@ -494,13 +494,13 @@ class _LoRAProBase(Optimizer):
                 st[key] = torch.zeros(shape, dtype=self._state_dtype_for(p), device=p.device)
         return st
 
-    def _options(self, group: Dict[str, Any], *keys: str) -> Dict[str, Any]:
-        """Keyword arguments of a functional step: the group's hyperparameters ``keys`` and the optimizer's
-        precision and workspace."""
+    def _options(self, group: Dict[str, Any], *keys: str, lora: bool = True) -> Dict[str, Any]:
+        """Keyword arguments of a functional step (:mod:`lorapro.steps`): the group's hyperparameters ``keys``
+        (``betas`` as ``beta1``, ``beta2``) and, for a LoRA step, the optimizer's precision and workspace."""
         out = {k: group[k] for k in keys}
         if "betas" in out:
             out["beta1"], out["beta2"] = out.pop("betas")
-        return dict(out, compute_dtype=self.compute_dtype, workspace=self._workspace)
+        return dict(out, compute_dtype=self.compute_dtype, workspace=self._workspace) if lora else out
 
     def _step_lora_bucket(self, group: Dict[str, Any], bucket: list) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -654,8 +654,7 @@ class LoRAProAdamW(_LoRAProBase):
             lists = by_kind[(p.dtype, st["exp_avg"].dtype, p.device)]  # adamw_step takes one dtype at a time
             for lst, t in zip(lists, (p, p.grad.to(st["exp_avg"].dtype), st["exp_avg"], st["exp_avg_sq"], st["step"])):
                 lst.append(t)
-        opts = self._options(group, "lr", "betas", "eps", "weight_decay")
-        del opts["compute_dtype"], opts["workspace"]
+        opts = self._options(group, "lr", "betas", "eps", "weight_decay", lora=False)
         for params, grads, exp_avgs, exp_avg_sqs, steps in by_kind.values():
             S.adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, **opts)
 
