@@ -4,7 +4,7 @@ A test suite that passes with a dropped square root or a wrong learning rate can
 such bug. For every mutant below this script copies ``src/`` to a temporary directory, changes the one line there
 (the working tree is never touched), runs the mutant's targeted tests against the copy and expects them to FAIL.
 
-    python scripts/mutation_check.py            # all 27 mutants: about 8 min on 2 shared cores (more when busy)
+    python scripts/mutation_check.py            # all 27 mutants: about 5 min on 2 cores shared with two busy processes
     python scripts/mutation_check.py -k sqrt    # the mutants whose name contains "sqrt"
     python scripts/mutation_check.py --list
 
