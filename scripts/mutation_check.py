@@ -4,7 +4,7 @@ A test suite that passes with a dropped square root or a wrong learning rate can
 such bug. For every mutant below this script copies ``src/`` to a temporary directory, changes the one line there
 (the working tree is never touched), runs the mutant's targeted tests against the copy and expects them to FAIL.
 
-    python scripts/mutation_check.py            # all 20 mutants: 6 min on 2 shared cores (13 min when busy)
+    python scripts/mutation_check.py            # all 27 mutants: about 5 min on 2 cores shared with two busy processes
     python scripts/mutation_check.py -k sqrt    # the mutants whose name contains "sqrt"
     python scripts/mutation_check.py --list
 
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 CORE = ["tests/test_optim.py", "tests/test_math.py", "tests/test_fast_paths.py", "tests/test_factored.py",
         "tests/test_full_mode_blocks.py", "tests/test_singular_grams.py", "tests/test_reference_dtypes.py",
-        "tests/test_optim_hardening.py"]
+        "tests/test_optim_hardening.py", "tests/test_steps.py"]
 DISTRIBUTED = ["tests/distributed/test_optim_distributed.py"]
 
 
@@ -48,45 +48,64 @@ class Mutant:
 
 
 MUTANTS: List[Mutant] = [
-    # the three that passed every test before issue 11
-    Mutant("full: no sqrt of v with bf16 state", "src/lorapro/optim.py",
+    # the three that passed every test before issue 11 (the lr one now lives where the class reads the group)
+    Mutant("full: no sqrt of v with bf16 state", "src/lorapro/steps.py",
            "buf.copy_(exp_avg_sq).sqrt_()", "buf.copy_(exp_avg_sq)",
            first=("tests/test_reference_dtypes.py",)),
-    Mutant("apply: 3x step for A with bf16 factors", "src/lorapro/optim.py",
-           "new_A = torch.addcmul(A * decay if decay != 1.0 else A, step_size, dA, value=-1.0)",
-           "new_A = torch.addcmul(A * decay if decay != 1.0 else A, step_size, dA, value=-3.0)",
+    Mutant("apply: 3x step for A with bf16 factors", "src/lorapro/steps.py",
+           "new_A = torch.addcmul(A_cur * decay if decay != 1.0 else A_cur, step_size, dA, value=-1.0)",
+           "new_A = torch.addcmul(A_cur * decay if decay != 1.0 else A_cur, step_size, dA, value=-3.0)",
            first=("tests/test_reference_dtypes.py",)),
-    Mutant("full: defaults lr instead of the group's", "src/lorapro/optim.py",
-           'step_size[i] = group["lr"] * bc2_sqrt / bc1', 'step_size[i] = self.defaults["lr"] * bc2_sqrt / bc1',
+    Mutant("step options: defaults instead of the group's", "src/lorapro/optim.py",
+           "out = {k: group[k] for k in keys}", "out = {k: self.defaults[k] for k in keys}",
            first=("tests/test_reference_dtypes.py",)),
     # more of the same kind
-    Mutant("adamw_update: no sqrt of v (foreach path)", "src/lorapro/optim.py",
+    Mutant("full (op by op): lr dropped", "src/lorapro/steps.py",
+           "step_size[i] = lr * bc2**0.5 / bc1", "step_size[i] = bc2**0.5 / bc1",
+           first=("tests/test_reference_dtypes.py",)),
+    Mutant("adamw_update: no sqrt of v (foreach path)", "src/lorapro/steps.py",
            "denom = torch._foreach_sqrt(exp_avg_sqs)", "denom = [t.clone() for t in exp_avg_sqs]",
            first=("tests/test_optim.py",)),
-    Mutant("efficient: defaults lr", "src/lorapro/optim.py",
-           'eps, lr = group["eps"], group["lr"]', 'eps, lr = group["eps"], self.defaults["lr"]',
-           first=("tests/test_reference_dtypes.py",)),
-    Mutant("factored: defaults lr", "src/lorapro/optim.py",
-           'step_size = torch.full((len(bucket),), group["lr"], dtype=torch.float64)',
-           'step_size = torch.full((len(bucket),), self.defaults["lr"], dtype=torch.float64)',
-           first=("tests/test_reference_dtypes.py",)),
-    Mutant("full: bias correction one step off", "src/lorapro/optim.py",
-           "bc1, bc2_sqrt = 1.0 - beta1**t, (1.0 - beta2**t) ** 0.5\n            for r0",
-           "bc1, bc2_sqrt = 1.0 - beta1**(t + 1), (1.0 - beta2**t) ** 0.5\n            for r0",
+    Mutant("efficient: 2x lr", "src/lorapro/steps.py",
+           "[t for t in steps for _ in range(2)], lr=lr,", "[t for t in steps for _ in range(2)], lr=2 * lr,",
            first=("tests/test_optim.py",)),
-    Mutant("factored: no bias correction of v", "src/lorapro/optim.py",
-           "bc1[i], bc2[i] = 1.0 - beta1**t, 1.0 - beta2**t", "bc1[i], bc2[i] = 1.0 - beta1**t, 1.0",
+    Mutant("factored: lr dropped", "src/lorapro/steps.py",
+           "    step_size = torch.full((len(A),), lr, dtype=torch.float64)\n    apply_update(A, B, A_cur",
+           "    step_size = torch.full((len(A),), 1.0, dtype=torch.float64)\n    apply_update(A, B, A_cur",
            first=("tests/test_factored.py",)),
-    Mutant("apply: no weight decay", "src/lorapro/optim.py",
+    Mutant("full (op by op): bias correction one step off", "src/lorapro/steps.py",
+           "bc1, bc2 = bias_corrections(beta1, beta2, steps[i])", "bc1, bc2 = bias_corrections(beta1, beta2, steps[i] + 1)",
+           first=("tests/test_reference_dtypes.py",)),
+    Mutant("full (fused blocks): sign of D flipped", "src/lorapro/steps.py",
+           "            sign[i] = -1.0\n", "            sign[i] = 1.0\n",
+           first=("tests/test_optim.py",)),
+    Mutant("full (fused blocks): D block not zeroed", "src/lorapro/steps.py",
+           "                d.zero_()\n", "",
+           first=("tests/test_full_mode_blocks.py",)),
+    Mutant("full (fused blocks): 2x lr", "src/lorapro/steps.py",
+           "            step_size[i] = lr\n", "            step_size[i] = 2 * lr\n",
+           first=("tests/test_optim.py",)),
+    Mutant("full (fused blocks): ε added to √v̂ twice", "src/lorapro/steps.py",
+           "                                    eps=eps, amsgrad=False", "                                    eps=2 * eps, amsgrad=False",
+           first=("tests/test_optim.py",)),
+    Mutant("full (fused blocks): bias correction one step off", "src/lorapro/steps.py",
+           "[], [steps[i]], lr=1.0", "[], [steps[i] + 1], lr=1.0",
+           first=("tests/test_optim.py",)),
+    Mutant("full (row shards): g̃ rows read at the shard's local offset", "src/lorapro/steps.py",
+           "torch.matmul(left[i, r0:r1], right[i], out=g)  # g̃", "torch.matmul(left[i, r0 - lo:r1 - lo], right[i], out=g)  # g̃",
+           first=("tests/test_steps.py",)),
+    Mutant("factored: no bias correction of v", "src/lorapro/steps.py",
+           "bc2 = torch.tensor([b[1] for b in bc], dtype=torch.float64)", "bc2 = torch.ones(len(bc), dtype=torch.float64)",
+           first=("tests/test_factored.py",)),
+    Mutant("apply: no weight decay", "src/lorapro/steps.py",
            "decay = 1.0 - lr * weight_decay", "decay = 1.0",
            first=("tests/test_optim.py",)),
-    Mutant("sgd: dampening ignored", "src/lorapro/optim.py",
-           'alpha=1.0 - group["dampening"])', "alpha=1.0)",
+    Mutant("sgd: dampening ignored", "src/lorapro/steps.py",
+           "alpha=1.0 - dampening)", "alpha=1.0)",
            first=("tests/test_reference_dtypes.py",)),
-    Mutant("plain AdamW: defaults lr", "src/lorapro/optim.py",
-           'adamw_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=beta1',
-           'adamw_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr=self.defaults["lr"], beta1=beta1',
-           first=("tests/test_reference_dtypes.py",)),
+    Mutant("plain AdamW: step count not incremented", "src/lorapro/steps.py",
+           "    _increment(steps)\n    adamw_update(params", "    adamw_update(params",
+           first=("tests/test_optim.py",)),
     Mutant("step: non-finite gradients not skipped", "src/lorapro/optim.py",
            "        if bad is not None:\n            warnings.warn(", "        if False:\n            warnings.warn(",
            first=("tests/test_optim_hardening.py",)),

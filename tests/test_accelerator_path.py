@@ -11,6 +11,7 @@ import torch
 
 from lorapro import LoRAProAdamW, LoRAProSGD
 from lorapro import functional as F
+from lorapro import _perf
 from lorapro import optim as O
 
 from test_fast_paths import _adjusted, _pair, _rel_err, _run, _toy_pairs
@@ -48,7 +49,7 @@ def test_accelerator_path_adamw_is_foreach_and_matches_the_fused_kernel(monkeypa
 
 
 def test_accelerator_path_keeps_buckets_whole(monkeypatch):
-    monkeypatch.setattr(O, "_CPU_BUCKET_BYTES", 1)  # on CPU: one pair per chunk
+    monkeypatch.setattr(_perf, "CPU_BUCKET_BYTES", 1)  # on CPU: one pair per chunk
     pairs = [(j, A, B, s) for j, (A, B, s) in enumerate(_toy_pairs(f64))]
     assert len(O._LoRAProBase._buckets(pairs)) == 5
     with F.accelerator_path():
@@ -76,8 +77,8 @@ def test_accelerator_path_tall_products_are_direct():
                                     (LoRAProAdamW, dict(mode="factored")), (LoRAProSGD, dict(momentum=0.9))])
 def test_every_mode_on_the_accelerator_path_matches_the_cpu_path(cls, kw, monkeypatch):
     # one thread: on CPU full mode walks its moments in row blocks; the accelerator path uses whole matrices
-    monkeypatch.setattr(O, "_CPU_BLOCK_ELEMS", 16)  # blocks of one row on CPU
-    monkeypatch.setattr(O, "_cpu_blocks_pay_off", lambda: True)
+    monkeypatch.setattr(_perf, "CPU_BLOCK_ELEMS", 16)  # blocks of one row on CPU
+    monkeypatch.setattr(_perf, "cpu_blocks_pay_off", lambda: True)
     make = lambda groups: cls(groups, lr=1e-2, **kw)  # noqa: E731
     cpu, _ = _run(_toy_pairs(f64), make)
     with F.accelerator_path():

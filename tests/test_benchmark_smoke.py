@@ -46,6 +46,8 @@ def test_every_case_runs_with_exact_state_sizes(ob):
     factors = sum(count * 2 * (RANK * n + m * RANK) * fp32 for m, n, count in LAYERS)  # two moments per factor
     assert results["lorapro_full"].state_bytes == full
     assert results["adamw_full_weight"].state_bytes == full
+    assert results["adamw_full_weight_fused"].state_bytes == full
+    assert results["memcpy_roofline"].state_bytes == full  # the two moments it reads and writes
     assert results["authors_full"].state_bytes == full
     assert results["lorapro_efficient"].state_bytes == factors
     assert results["adamw_factors"].state_bytes == factors
@@ -88,6 +90,24 @@ def test_authors_sylvester_solver(ob):
     torch.testing.assert_close(P @ X + X @ Q, C, rtol=1e-9, atol=1e-10)
 
 
+def test_fused_full_weight_case_matches_foreach(ob):
+    # the fused and the foreach full-weight baselines make the same AdamW step from the same weights
+    cfg = _cfg(ob)
+    fused, foreach = ob.CASES["adamw_full_weight_fused"].setup(cfg), ob.CASES["adamw_full_weight"].setup(cfg)
+    for _ in range(2):
+        fused.step()
+        foreach.step()
+    for p, q in zip(fused.params, foreach.params):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-9)
+
+
+def test_memcpy_roofline_moves_both_moments_of_every_layer(ob, monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch, "_foreach_mul_", lambda ts, x: seen.append([tuple(t.shape) for t in ts]))
+    ob.CASES["memcpy_roofline"].setup(_cfg(ob)).step()
+    assert seen == [[(m, n) for m, n, c in LAYERS for _ in range(c) for _ in range(2)]]
+
+
 def test_registry_rejects_duplicates_and_unknown_cases(ob):
     with pytest.raises(ValueError, match="registered twice"):
         ob.register("lorapro_full", "again")(lambda cfg: None)
@@ -103,6 +123,7 @@ def test_cli_prints_table_and_writes_json(ob, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| LoRA-Pro full" in text and "| LoRA-Pro efficient" in text
     assert "LoRA-Pro full / AdamW full-weight" in text and "LoRA-Pro efficient / AdamW on factors" in text
+    assert "LoRA-Pro full / fused AdamW full-weight" not in text  # only ratios whose both cases ran
     assert "authors' formulation / LoRA-Pro full" not in text  # only ratios whose both cases ran
     data = json.loads(out.read_text())
     assert set(data["cases"]) == {"lorapro_full", "lorapro_efficient", "adamw_factors", "adamw_full_weight"}

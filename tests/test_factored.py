@@ -114,19 +114,16 @@ def make_model(dtype=f64, seed=0, zero_B=False):
 
 
 CASES = [
-    ("lowrank", dict(lr=1e-2, weight_decay=0.05), "sylvester"),
-    ("lowrank", dict(lr=1e-2, clip_threshold=0.3, betas=(0.8, 0.9)), "symmetric"),
-    ("lowrank", dict(lr=1e-2, clip_threshold=None, eps=1e-3), "zero"),
-    ("factor", dict(lr=1e-2, weight_decay=0.05), "sylvester"),
-    ("factor", dict(lr=1e-2, clip_threshold=0.3), "zero"),
-    ("factor", dict(lr=1e-2, clip_threshold=None), "symmetric"),
+    (dict(lr=1e-2, weight_decay=0.05), "sylvester"),
+    (dict(lr=1e-2, clip_threshold=0.3, betas=(0.8, 0.9)), "symmetric"),
+    (dict(lr=1e-2, clip_threshold=None, eps=1e-3), "zero"),
 ]
 
 
-@pytest.mark.parametrize("first,hp,x", CASES)
-def test_factored_matches_reference_step_by_step(first, hp, x):
+@pytest.mark.parametrize("hp,x", CASES)
+def test_factored_matches_reference_step_by_step(hp, x):
     model = make_model()
-    opt = LoRAProAdamW(model, mode="factored", first_moment=first, x_solution=x, **hp)
+    opt = LoRAProAdamW(model, mode="factored", x_solution=x, **hp)
     pairs = lora_pairs(model)
     ref = {p.name: (p.A.detach().clone(), p.B.detach().clone(), {}) for p in pairs}
     head = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
@@ -142,8 +139,7 @@ def test_factored_matches_reference_step_by_step(first, hp, x):
             if p.A.grad is None:
                 continue
             A, B, st = ref[p.name]
-            newA, newB = R.adamw_factored_step(A, B, p.A.grad, p.B.grad, p.scaling, st, x_solution=x,
-                                               first_moment=first, **hp)
+            newA, newB = R.adamw_factored_step(A, B, p.A.grad, p.B.grad, p.scaling, st, x_solution=x, **hp)
             ref[p.name] = (newA, newB, st)
         for p in head:
             val, st = ref_head[id(p)]
@@ -158,24 +154,19 @@ def test_factored_matches_reference_step_by_step(first, hp, x):
             assert ost["step"].item() == st["step"]
             torch.testing.assert_close(ost["exp_avg_sq_row"], st["exp_avg_sq"].sum(1), rtol=1e-12, atol=1e-17)
             torch.testing.assert_close(ost["exp_avg_sq_col"], st["exp_avg_sq"].sum(0), rtol=1e-12, atol=1e-17)
-            if first == "lowrank":
-                torch.testing.assert_close(ost["exp_avg_left"] @ ost["exp_avg_right"], st["exp_avg"],
-                                           rtol=1e-9, atol=1e-13, msg=msg)
-            else:
-                torch.testing.assert_close(ost["exp_avg"], st["exp_avg_A"], rtol=1e-11, atol=1e-14, msg=msg)
-                torch.testing.assert_close(opt.state[p.B]["exp_avg"], st["exp_avg_B"], rtol=1e-11, atol=1e-14)
+            torch.testing.assert_close(ost["exp_avg_left"] @ ost["exp_avg_right"], st["exp_avg"],
+                                       rtol=1e-9, atol=1e-13, msg=msg)
         for p in head:
             torch.testing.assert_close(p.detach(), ref_head[id(p)][0], rtol=1e-12, atol=1e-14)
     assert opt.state[skipped.A]["step"].item() == 4
 
 
-@pytest.mark.parametrize("first", FF.FIRST_MOMENTS)
-def test_clipping_bounds_the_step_direction(first):
+def test_clipping_bounds_the_step_direction():
     # With a tiny threshold the update is the clipped one: halving d halves the first step of every factor.
     steps = {}
     for d in (1e-3, 5e-4):
         model = make_model()
-        opt = LoRAProAdamW(model, lr=1e-2, mode="factored", first_moment=first, clip_threshold=d)
+        opt = LoRAProAdamW(model, lr=1e-2, mode="factored", clip_threshold=d)
         backward(model, batches(1)[0])
         before = [(p.A.detach().clone(), p.B.detach().clone()) for p in lora_pairs(model)]
         opt.step()
@@ -223,11 +214,10 @@ def _hand_pair(m=64, n=48, r=2, dtype=torch.float32):
     return A, B, W0, x
 
 
-@pytest.mark.parametrize("first", FF.FIRST_MOMENTS)
-def test_no_m_by_n_tensor_in_the_step_and_state_is_factor_sized(first):
+def test_no_m_by_n_tensor_in_the_step_and_state_is_factor_sized():
     m, n, r = 128, 96, 8  # r = 8 as in the 7B benchmark; (m + n)·4r < m·n
     A, B, W0, x = _hand_pair(m, n, r)
-    opt = LoRAProAdamW([{"lora_pairs": [(A, B, 2.0)]}], lr=1e-3, mode="factored", first_moment=first)
+    opt = LoRAProAdamW([{"lora_pairs": [(A, B, 2.0)]}], lr=1e-3, mode="factored")
     full = LoRAProAdamW([{"lora_pairs": [(A, B, 2.0)]}], lr=1e-3, mode="full")
     for step in range(2):
         ((x @ (W0 + 2.0 * B @ A).T) ** 2).sum().backward()
@@ -238,7 +228,7 @@ def test_no_m_by_n_tensor_in_the_step_and_state_is_factor_sized(first):
         assert not any(s[-2:] in ((m, n), (n, m)) for s in rec.shapes if len(s) >= 2)
         A.grad = B.grad = None
     state = [t for p in (A, B) for k, t in opt.state[p].items() if k != "step"]
-    per_pair = (m + n) * (2 * r + 1) if first == "lowrank" else (m + n) * (r + 1)
+    per_pair = (m + n) * (2 * r + 1)
     assert sum(t.numel() for t in state) == per_pair
     lora_adamw = 2 * (A.numel() + B.numel())  # plain LoRA AdamW: two moments per factor
     assert per_pair <= 1.1 * lora_adamw  # (2r + 1)/(2r) = 1.06 at r = 8
@@ -252,10 +242,9 @@ def test_no_m_by_n_tensor_in_the_step_and_state_is_factor_sized(first):
 # -- checkpoints and dtypes ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("first", FF.FIRST_MOMENTS)
-def test_save_load_continue_equals_uninterrupted_bit_for_bit(first, tmp_path):
+def test_save_load_continue_equals_uninterrupted_bit_for_bit(tmp_path):
     data = batches(6, dtype=torch.float32)
-    hp = dict(lr=1e-2, weight_decay=0.01, mode="factored", first_moment=first)
+    hp = dict(lr=1e-2, weight_decay=0.01, mode="factored")
 
     def run(model, opt, bs):
         for b in bs:
@@ -272,20 +261,36 @@ def test_save_load_continue_equals_uninterrupted_bit_for_bit(first, tmp_path):
     run(m2, o2, data[:3])
     torch.save({"model": m2.state_dict(), "optim": o2.state_dict()}, tmp_path / "ckpt.pt")
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    for g in ckpt["optim"]["param_groups"]:
+        g["first_moment"] = "lowrank"  # what versions with the first_moment option wrote in every group
     m3 = make_model(dtype=torch.float32, seed=123)
     m3.load_state_dict(ckpt["model"])
     o3 = LoRAProAdamW(m3, **hp)
     o3.load_state_dict(ckpt["optim"])
+    assert all("first_moment" not in g for g in o3.param_groups)
     run(m3, o3, data[3:])
     for (n1, p1), (n3, p3) in zip(m1.named_parameters(), m3.named_parameters()):
         assert n1 == n3
         assert torch.equal(p1, p3), n1
 
 
-@pytest.mark.parametrize("first", FF.FIRST_MOMENTS)
-def test_bf16_parameters_stay_finite_and_keep_dtype(first):
+def test_checkpoint_of_the_removed_factor_first_moment_is_refused():
+    model = make_model(dtype=torch.float32)
+    opt = LoRAProAdamW(model, lr=1e-2, mode="factored")
+    backward(model, batches(1, dtype=torch.float32)[0])
+    opt.step()
+    sd = opt.state_dict()
+    for g in sd["param_groups"]:
+        g["first_moment"] = "factor"
+    with pytest.raises(ValueError, match="first_moment='factor'.*removed"):
+        LoRAProAdamW(model, lr=1e-2, mode="factored").load_state_dict(sd)
+    with pytest.raises(TypeError):
+        LoRAProAdamW(model, mode="factored", first_moment="factor")  # the option is gone
+
+
+def test_bf16_parameters_stay_finite_and_keep_dtype():
     model = make_model(dtype=torch.bfloat16)
-    opt = LoRAProAdamW(model, lr=1e-2, mode="factored", first_moment=first)
+    opt = LoRAProAdamW(model, lr=1e-2, mode="factored")
     data = batches(1, dtype=torch.bfloat16)
     losses = []
     for _ in range(15):
@@ -341,7 +346,6 @@ def test_load_rejects_other_mode():
     [
         (dict(clip_threshold=0.0), "clip_threshold"),
         (dict(clip_threshold=-1.0), "clip_threshold"),
-        (dict(first_moment="adam"), "first_moment"),
     ],
 )
 def test_error_invalid_factored_hyperparameters(kwargs, match):

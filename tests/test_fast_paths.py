@@ -9,6 +9,7 @@ import torch
 
 from lorapro import LoRAProAdamW, LoRAProSGD
 from lorapro import functional as F
+from lorapro import _perf
 from lorapro import optim as O
 from lorapro import reference as R
 
@@ -95,8 +96,8 @@ def _run(pairs, make_opt, steps=4, seed=1):
 def test_fused_adamw_kernel_equals_the_foreach_path(dtype, monkeypatch):
     make = lambda groups: LoRAProAdamW(groups, lr=1e-2, mode="efficient", weight_decay=0.1)  # noqa: E731
     fused, opt = _run(_toy_pairs(dtype), make)
-    assert O._fused_adamw_ok([opt.param_groups[0]["params"][0]])  # the fused kernel did run here
-    monkeypatch.setattr(O, "_HAS_FUSED_CPU_ADAMW", False)
+    assert _perf.fused_adamw_ok([opt.param_groups[0]["params"][0]])  # the fused kernel did run here
+    monkeypatch.setattr(_perf, "HAS_FUSED_CPU_ADAMW", False)
     foreach, _ = _run(_toy_pairs(dtype), make)
     tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
     for a, b in zip(fused, foreach):
@@ -107,7 +108,7 @@ def test_fused_adamw_kernel_equals_the_foreach_path(dtype, monkeypatch):
 def test_bfloat16_factors_take_the_foreach_path_and_track_float32():
     make = lambda groups: LoRAProAdamW(groups, lr=1e-2, mode="efficient")  # noqa: E731
     bf16, opt = _run(_toy_pairs(torch.bfloat16), make)
-    assert not O._fused_adamw_ok(opt.param_groups[0]["params"][:1] + [opt.state[opt.param_groups[0]["params"][0]]["exp_avg"]])
+    assert not _perf.fused_adamw_ok(opt.param_groups[0]["params"][:1] + [opt.state[opt.param_groups[0]["params"][0]]["exp_avg"]])
     fp32, _ = _run([(A.detach().float().requires_grad_(), B.detach().float().requires_grad_(), s)
                     for A, B, s in _toy_pairs(torch.bfloat16)], make)
     for a, b in zip(bf16, fp32):
@@ -120,7 +121,7 @@ def test_bfloat16_factors_take_the_foreach_path_and_track_float32():
 def test_chunked_buckets_equal_one_batched_call(cls, kw, monkeypatch):
     make = lambda groups: cls(groups, lr=1e-2, **kw)  # noqa: E731
     whole, _ = _run(_toy_pairs(f64), make)
-    monkeypatch.setattr(O, "_CPU_BUCKET_BYTES", 1)  # one pair per chunk: five chunks instead of one bucket
+    monkeypatch.setattr(_perf, "CPU_BUCKET_BYTES", 1)  # one pair per chunk: five chunks instead of one bucket
     assert len(O._LoRAProBase._buckets([(j, A, B, s) for j, (A, B, s) in enumerate(_toy_pairs(f64))])) == 5
     chunked, _ = _run(_toy_pairs(f64), make)
     for a, b in zip(whole, chunked):

@@ -1,4 +1,4 @@
-"""Full mode walks the m × n moments in blocks of rows on CPU (lorapro.optim._CPU_BLOCK_ELEMS; on one thread or
+"""Full mode walks the m × n moments in blocks of rows on CPU (lorapro._perf.CPU_BLOCK_ELEMS; on one thread or
 with OMP_WAIT_POLICY=PASSIVE). The tiny models of test_optim.py fit in one block, so here the block is made small
 enough to cut the matrices into many blocks (including a ragged last one) and the result is compared with the
 one-block run, which test_optim.py checks against the float64 reference."""
@@ -6,7 +6,7 @@ one-block run, which test_optim.py checks against the float64 reference."""
 import pytest
 import torch
 
-import lorapro.optim as O
+import lorapro._perf as P
 from lorapro import LoRAProAdamW
 
 
@@ -29,7 +29,7 @@ def single_thread():
 
 
 def _run(monkeypatch, block_elems, dtype, steps=4, **kw):
-    monkeypatch.setattr(O, "_CPU_BLOCK_ELEMS", block_elems)
+    monkeypatch.setattr(P, "CPU_BLOCK_ELEMS", block_elems)
     pairs = _pairs(dtype)
     opt = LoRAProAdamW([{"lora_pairs": pairs}], lr=1e-2, mode="full", weight_decay=0.01, **kw)
     g = torch.Generator().manual_seed(1)

@@ -21,15 +21,10 @@ keeps the preconditioner separable, so the Adam-like direction stays factored::
 
     g̃ ⊘ √V̂ = diag(a)·Lf·Rf·diag(b),     a = 1/√ρ̂,   b = √S/√κ̂.
 
-First moment (``first_moment``) — two designs, both factor-sized:
-
-- ``"lowrank"``: a rank-k EMA of g̃ kept as a product ``P·Q`` (P m × k, Q k × n, k = 2r, the rank of g̃):
-  ``P·Q ← trunc_k(β1·P·Q + (1 − β1)·g̃)``, where ``trunc_k`` is the best rank-k approximation (truncated SVD),
-  computed from the (k + 2r)-sized Gram matrices of ``[P, Lf]`` and ``[Q; Rf]`` in O((m + n)·r²).
-  Then ``D = diag(a)·(P·Q)/(1 − β1ᵗ)·diag(b)`` — Adam's order: momentum of the gradient, then preconditioning.
-- ``"factor"``: ``D = diag(a)·Lf·Rf·diag(b)`` (no momentum in weight space); D is projected and clipped, and the
-  momentum is an EMA of the projected factor steps (ĥ_A, ĥ_B) — Adafactor's order, the way efficient mode keeps
-  moments of factor-shaped quantities.
+First moment: a rank-k EMA of g̃ kept as a product ``P·Q`` (P m × k, Q k × n, k = 2r, the rank of g̃):
+``P·Q ← trunc_k(β1·P·Q + (1 − β1)·g̃)``, where ``trunc_k`` is the best rank-k approximation (truncated SVD),
+computed from the (k + 2r)-sized Gram matrices of ``[P, Lf]`` and ``[Q; Rf]`` in O((m + n)·r²).
+Then ``D = diag(a)·(P·Q)/(1 − β1ᵗ)·diag(b)`` — Adam's order: momentum of the gradient, then preconditioning.
 
 Update clipping (Adafactor): ``D ← D / max(1, RMS(D)/d)`` with ``RMS(D)² = tr((P̃ᵀP̃)(Q̃Q̃ᵀ))/(m·n)`` for
 ``D = P̃·Q̃``. The factored V̂ can underestimate single entries of v (a rank-1 fit), so a few entries of D can be
@@ -41,12 +36,14 @@ then :func:`lorapro.functional.adjusted_gradients` turns (u_A, u_B) into the fac
 Why these choices (``benchmarks/factored_quality.py``: MiniLM-L6 + LoRA r = 8 on 2,000 SST-2 sentences, 63 steps,
 GLUE-dev accuracy over 3 seeds; the full table is in the README):
 
-- ``first_moment="lowrank"`` is the default because it tracks full mode and ``"factor"`` does not: at lr 1e-4 full
-  0.788 ± 0.009, lowrank 0.787 ± 0.009, factor 0.758 ± 0.016; at lr 3e-4 full 0.810 ± 0.005, lowrank
-  0.805 ± 0.004, factor 0.760 ± 0.017; at lr 1e-3 lowrank fails and succeeds on the same seeds as full
-  (0.795 / 0.509 / 0.756 against 0.782 / 0.509 / 0.771) while factor collapses to the majority class on all three.
-  Normalising each g̃ before averaging (Adafactor's order) discards the relative size of successive gradients that
-  Adam's m/√v keeps, and averaging factor steps taken in moving bases (A, B change every step) blurs them.
+- The low-rank first moment tracks full mode; the alternative we measured — momentum of the projected factor
+  steps after preconditioning (Adafactor's order, the smallest state), formerly ``first_moment="factor"`` —
+  does not, and was removed: at lr 1e-4 full 0.788 ± 0.009, low-rank 0.787 ± 0.009, factor 0.758 ± 0.016; at
+  lr 3e-4 full 0.810 ± 0.005, low-rank 0.805 ± 0.004, factor 0.760 ± 0.017; at lr 1e-3 low-rank fails and
+  succeeds on the same seeds as full (0.795 / 0.509 / 0.756 against 0.782 / 0.509 / 0.771) while factor
+  collapsed to the majority class on all three. Normalising each g̃ before averaging discards the relative size
+  of successive gradients that Adam's m/√v keeps, and averaging factor steps taken in moving bases (A, B change
+  every step) blurs them.
 - Update clipping (d = 1) changed no result here (accuracies within 0.002 of the unclipped runs). It fires in the
   first two steps only — RMS(D) reaches 2.1 at step 1, where V̂ is the rank-1 fit of a single g̃² (full-mode Adam
   has RMS(D) = 1 there) — on ~1.6 % of layer-steps. It stays on as Adafactor's guard against the rank-1 fit
@@ -78,7 +75,6 @@ import torch
 from . import functional as F
 
 __all__ = [
-    "FIRST_MOMENTS",
     "square_sums",
     "preconditioner",
     "scale_factors",
@@ -89,7 +85,6 @@ __all__ = [
     "lowrank_step",
 ]
 
-FIRST_MOMENTS = ("lowrank", "factor")
 
 Tensor = torch.Tensor
 
@@ -226,7 +221,7 @@ def lowrank_step(
     bc2: Tensor, eps: float, clip_threshold: Optional[float], delta: float, x_solution: str,
     compute_dtype: Optional[torch.dtype] = None, workspace: F.Workspace = F.fresh,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """One ``mode="factored"``, ``first_moment="lowrank"`` step for L pairs of one shape, in few thin products.
+    """One ``mode="factored"`` step for L pairs of one shape, in few thin products.
 
     The same algebra as :func:`square_sums`, :func:`lowrank_ema`, :func:`preconditioner`, :func:`factored_rms`,
     :func:`project` and :func:`lorapro.functional.adjusted_gradients` composed, reorganised so that every
@@ -262,7 +257,7 @@ def lowrank_step(
     L, (r, n), m = len(A), A[0].shape, B[0].shape[0]
     k, r2, r4 = 2 * r, 2 * r, 4 * r
     tdt = compute_dtype or F.work_dtype(A[0].dtype)
-    sdt = compute_dtype or torch.float64  # = the dtype F.gram_inverses_for gives
+    rr_dtype = compute_dtype or torch.float64  # = the dtype F.gram_inverses_for gives
     dev = A[0].device
     ws = workspace
     BGP = ws("BGP", (L, m, r4), tdt, dev)
@@ -276,9 +271,9 @@ def lowrank_step(
     GB = BGP.transpose(-1, -2) @ BGP
     GA = AGQ @ AGQ.transpose(-1, -2)
     grams = F.gram_inverses_for(Av, Bv, delta, compute_dtype, GA[:, r:r2, r:r2], GB[:, r:r2, r:r2])
-    GB, GA = GB.to(sdt), GA.to(sdt)
+    GB, GA = GB.to(rr_dtype), GA.to(rr_dtype)
     GB[:, r:r2, r:r2], GA[:, r:r2, r:r2] = grams.BtB, grams.AAt
-    s = scaling.to(sdt).view(-1, 1, 1)
+    s = scaling.to(rr_dtype).view(-1, 1, 1)
     K_B, K_A = grams.BtB_inv / s**2, grams.AAt_inv / s**2
     # Lf = [g_B, B]·T = [s·B, s·ĝ_B⁰],  Rf = S·[g_A; A] = [K_B·g_A; A]: the maps of lorapro.functional with the
     # blocks of the packed operands in the order [g, b]
@@ -289,22 +284,22 @@ def lowrank_step(
     rrt = S @ GA[:, :r2, :r2] @ S.transpose(-1, -2)
     # Lc = [P, Lf] = BGP·Tc,  Rc = [Q; Rf] = Sc·AGQ
     Tc = _blocks(L, r4, GB)
-    Tc[:, r2:, :k] = torch.eye(k, dtype=sdt, device=dev)
+    Tc[:, r2:, :k] = torch.eye(k, dtype=rr_dtype, device=dev)
     Tc[:, :r2, k:] = T
     Sc = _blocks(L, r4, GB)
-    Sc[:, :k, r2:] = torch.eye(k, dtype=sdt, device=dev)
+    Sc[:, :k, r2:] = torch.eye(k, dtype=rr_dtype, device=dev)
     Sc[:, k:, :r2] = S
     lc_gram = Tc.transpose(-1, -2) @ GB @ Tc
     rc_gram = Sc @ GA @ Sc.transpose(-1, -2)
     right_map, left_map = lowrank_maps(lc_gram, rc_gram, beta1, k)
 
     # P' and the row sums of g̃² (rows of [g_B, B]·T·RfRfᵀ·Tᵀ dotted with rows of [g_B, B]); Q' and column sums
-    W_rows = torch.zeros(L, r4, k + r2, dtype=sdt, device=dev)
+    W_rows = torch.zeros(L, r4, k + r2, dtype=rr_dtype, device=dev)
     W_rows[:, :, :k] = Tc @ right_map
     W_rows[:, :r2, k:] = T @ rrt @ T.transpose(-1, -2)
     Y = torch.matmul(BGP, W_rows.to(tdt), out=ws("Y", (L, m, k + r2), tdt, dev))
     row = torch.mul(Y[..., k:], BGP[..., :r2], out=ws("rows", (L, m, r2), tdt, dev)).sum(-1).clamp_min_(0.0)
-    W_cols = torch.zeros(L, k + r2, r4, dtype=sdt, device=dev)
+    W_cols = torch.zeros(L, k + r2, r4, dtype=rr_dtype, device=dev)
     W_cols[:, :k] = left_map @ Sc
     W_cols[:, k:, :r2] = S.transpose(-1, -2) @ ltl @ S
     Z = torch.matmul(W_cols.to(tdt), AGQ, out=ws("Z", (L, k + r2, n), tdt, dev))
@@ -324,8 +319,8 @@ def lowrank_step(
     # D = diag(a)·P'·Q'·diag(b)/(1 − β1ᵗ): its factors overwrite the P and Q slots
     torch.mul(P_new, (a_vec * inv_bc1).unsqueeze(-1), out=BGP[..., r2:])
     torch.mul(Q_new, b_vec.unsqueeze(-2), out=AGQ[:, r2:])
-    HB = (BGP[..., r:].transpose(-1, -2) @ BGP[..., r2:]).to(sdt)  # [Bᵀd_left; d_leftᵀd_left]
-    HA = (AGQ[:, r:] @ AGQ[:, r2:].transpose(-1, -2)).to(sdt)  # [A d_rightᵀ; d_right d_rightᵀ]
+    HB = (BGP[..., r:].transpose(-1, -2) @ BGP[..., r2:]).to(rr_dtype)  # [Bᵀd_left; d_leftᵀd_left]
+    HA = (AGQ[:, r:] @ AGQ[:, r2:].transpose(-1, -2)).to(rr_dtype)  # [A d_rightᵀ; d_right d_rightᵀ]
     Cb, Ca = HB[:, :r], HA[:, :r].transpose(-1, -2)  # Bᵀ·d_left (r × 2r), d_right·Aᵀ (2r × r)
     c = s
     if clip_threshold is not None:  # Adafactor's update clipping: RMS(D)² = tr((d_leftᵀd_left)(d_right d_rightᵀ))/(m·n)
@@ -336,7 +331,7 @@ def lowrank_step(
     cross = c * (Cb @ Ca)  # = u_A Aᵀ = Bᵀ u_B
     M_u = grams.BtB_inv @ cross
     MK = M_u @ K_A
-    W_A = torch.zeros(L, r, 3 * r, dtype=sdt, device=dev)
+    W_A = torch.zeros(L, r, 3 * r, dtype=rr_dtype, device=dev)
     W_A[:, :, r:] = c * (K_B @ Cb)
     if x_solution != "zero":
         X = F.solve_x(grams, cross, K_B, K_A, M_u, cross, x_solution)

@@ -6,8 +6,10 @@ skipped as a whole, with a ``RuntimeWarning``. Give them a model — every PEFT 
 LoRA-Pro pair, every other trainable parameter (biases, heads, ``modules_to_save``) gets plain AdamW / SGD — or
 param groups (see :func:`build_param_groups` for the explicit form).
 
-The math lives in :mod:`lorapro.functional` (batched fast path) and :mod:`lorapro.reference` (float64 spec);
-this module only keeps state and applies updates. Paper: Wang et al., "LoRA-Pro: Are Low-Rank Adapters Properly
+This module validates and gathers: param groups, each bucket's parameters, gradients and state (created here, in
+one place), sharding. The steps themselves are functions, one per mode, in :mod:`lorapro.steps`; the math in
+:mod:`lorapro.functional` (batched fast path) and :mod:`lorapro.reference` (float64 spec); the CPU performance
+heuristics in :mod:`lorapro._perf`. Paper: Wang et al., "LoRA-Pro: Are Low-Rank Adapters Properly
 Optimized?", ICLR 2025, arXiv 2407.18242.
 """
 
@@ -24,7 +26,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from . import factored as FF
+from . import _perf
+from . import steps as S
 from . import distributed as _dist
 from . import fsdp as _fsdp
 from . import functional as F
@@ -172,24 +175,6 @@ def _check_range(name: str, value: float, low: float, high: Optional[float] = No
 _work_dtype = F.work_dtype  # the dtype of the m × n work and default optimizer state: at least float32
 
 
-# Full mode walks the m × n moments in blocks of rows of about this many elements on CPU (4 MiB in fp32): the
-# dozen passes of the Adam update then run in cache, and no m × n temporary is allocated (faulting in a fresh
-# 180 MB buffer can cost as much as the arithmetic). Each extra op is one more synchronisation of the intra-op
-# thread pool, whose idle threads busy-wait by default — ruinous when other processes share the cores (measured
-# with 2 threads on 2 busy cores: 2.4-14 s per step instead of 0.43 s with OMP_WAIT_POLICY=PASSIVE) — so blocks
-# are used on one thread or with passive waiting; otherwise, and on accelerators, a block is the whole matrix.
-_CPU_BLOCK_ELEMS = 1 << 20
-
-# On CPU a bucket of same-shape pairs is processed in chunks of about this many bytes of packed factors and
-# gradients, so that the step's factor-sized temporaries stay in cache and are recycled by the allocator instead
-# of being faulted in afresh every step (measured on Llama-2-7B layer counts: see benchmarks/optimizer_step.py).
-_CPU_BUCKET_BYTES = int(os.environ.get("LORAPRO_BUCKET_BYTES", 4 << 20))
-
-
-def _cpu_blocks_pay_off() -> bool:
-    return torch.get_num_threads() == 1 or os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
-
-
 class _LoRAProBase(Optimizer):
     """Param-group handling, gradient collection, batching by shape and checkpoint loading."""
 
@@ -210,7 +195,6 @@ class _LoRAProBase(Optimizer):
         if state_dtype is not None and not state_dtype.is_floating_point:
             raise ValueError(f"Invalid state_dtype {state_dtype}: use a floating-point dtype such as torch.bfloat16.")
         self.compute_dtype = compute_dtype
-        self._rr_dtype = compute_dtype or torch.float64  # dtype of the r × r algebra
         self.state_dtype = state_dtype
         # the model whose LoRA layers pair the factors of groups added later (add_param_group); weak, so the
         # optimizer does not keep a model alive, and not state (not saved)
@@ -405,6 +389,13 @@ class _LoRAProBase(Optimizer):
                         f"Param group {i}: checkpoint has {key}={old.get(key)!r}, optimizer has {new.get(key)!r}. "
                         f"Create the optimizer with the same {key} the checkpoint was saved with."
                     )
+            if old.get("first_moment", "lowrank") != "lowrank":
+                raise ValueError(
+                    f"Param group {i}: this checkpoint was saved with mode='factored', first_moment="
+                    f"{old['first_moment']!r}, a variant that has been removed (measured worse than the default "
+                    "low-rank first moment; see the README). Resume it with the lorapro version that wrote it, or start "
+                    "a fresh optimizer."
+                )
             if len(old["params"]) != len(new["params"]):
                 raise ValueError(f"Param group {i}: checkpoint has {len(old['params'])} tensors, model {len(new['params'])}.")
             changed = [f"{name}: checkpoint {a!r}, model {b!r}"
@@ -423,6 +414,7 @@ class _LoRAProBase(Optimizer):
         for g, names in zip(self.param_groups, pair_names):  # the model's names, not the checkpoint's
             if names is not None:
                 g["pair_names"] = names
+            g.pop("first_moment", None)  # written by versions with first_moment="factor"; always "lowrank" here
         if self._sharding is not None:
             self._sharding.ensure_current(self)  # owners of groups added since the last step
         id_to_param = {
@@ -473,7 +465,7 @@ class _LoRAProBase(Optimizer):
                 out.append(bucket)
                 continue
             packed_bytes = 2 * (A.numel() + B.numel()) * _work_dtype(A.dtype).itemsize
-            per_chunk = max(1, _CPU_BUCKET_BYTES // packed_bytes)
+            per_chunk = max(1, _perf.CPU_BUCKET_BYTES // packed_bytes)
             out += [bucket[i: i + per_chunk] for i in range(0, len(bucket), per_chunk)]
         return out
 
@@ -486,114 +478,35 @@ class _LoRAProBase(Optimizer):
         gB = [b.grad if b.grad is not None else torch.zeros_like(b) for b in B]
         return A, B, gA, gB
 
-    def _pack(self, bucket: list) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Packed factors and gradients of a bucket, ``AG = [A; g_A]`` (L, 2r, n) and ``BG = [B, g_B]`` (L, m, 2r)
-        in the work dtype (missing gradients as zeros, see :func:`lorapro.functional.pack`; workspace buffers, valid
-        until the next bucket is packed), and the scalings (L,) in the dtype of the r × r algebra."""
-        AG, BG = F.pack(*self._factors_and_grads(bucket), workspace=self._workspace)
-        s = torch.tensor([sc for _, _, _, sc in bucket], dtype=self._rr_dtype, device=AG.device)
-        return AG, BG, s
-
-    def _grams(self, group: Dict[str, Any], AG: torch.Tensor, BG: torch.Tensor
-               ) -> Tuple[F.GramInverses, torch.Tensor, torch.Tensor]:
-        """:class:`lorapro.functional.GramInverses` of a packed bucket and its cross terms (g_A·Aᵀ, Bᵀ·g_B)."""
-        return F.packed_gram_inverses(AG, BG, group["delta"], self.compute_dtype)
-
-    @staticmethod
-    def _apply(bucket: list, A: torch.Tensor, B: torch.Tensor, dA: torch.Tensor, dB: torch.Tensor,
-               step_size: torch.Tensor, lr: float, weight_decay: float) -> None:
-        """θ ← θ·(1 − lr·wd) − step_size·d for both factors of every pair.
-
-        ``A``, ``B`` are the pairs' current factors in the work dtype; ``dA``, ``dB`` are temporaries of the step
-        (scaled in place here). Parameters of the work dtype are updated in place; narrower ones (bf16) are
-        computed in the work dtype and rounded once.
-        """
-        params = [p for _, a, b, _ in bucket for p in (a, b)]
-        decay = 1.0 - lr * weight_decay
-        if all(p.dtype == dA.dtype == dB.dtype and p.device == dA.device for p in params):
-            steps = [float(x) for x in step_size.tolist() for _ in range(2)]
-            ds = [t for pair in zip(dA.unbind(0), dB.unbind(0)) for t in pair]
-            torch._foreach_mul_(ds, steps)
-            if decay != 1.0:
-                torch._foreach_mul_(params, decay)
-            torch._foreach_sub_(params, ds)
-            return
-        step_size = step_size.to(device=A.device, dtype=A.dtype).view(-1, 1, 1)  # built on the host
-        new_A = torch.addcmul(A * decay if decay != 1.0 else A, step_size, dA, value=-1.0)
-        new_B = torch.addcmul(B * decay if decay != 1.0 else B, step_size, dB, value=-1.0)
-        torch._foreach_copy_(params, [t for pair in zip(new_A.unbind(0), new_B.unbind(0)) for t in pair])
-
     def _state_dtype_for(self, p: torch.Tensor) -> torch.dtype:
+        """The dtype of ``p``'s new optimizer state: ``state_dtype``, else the work dtype (at least float32)."""
         return self.state_dtype or _work_dtype(p.dtype)
+
+    def _init_state(self, p: torch.Tensor, shapes: Dict[str, Tuple[int, ...]], step: bool = True) -> Dict[str, Any]:
+        """``p``'s state, with what is missing created — the one place optimizer state is created: a zero tensor
+        per entry of ``shapes`` (dtype :meth:`_state_dtype_for`, on ``p``'s device) and, with ``step``, the
+        0-dim float32 step count (host), incremented by the functional steps (:mod:`lorapro.steps`)."""
+        st = self.state[p]
+        if step and "step" not in st:
+            st["step"] = torch.tensor(0.0)
+        for key, shape in shapes.items():
+            if key not in st:
+                st[key] = torch.zeros(shape, dtype=self._state_dtype_for(p), device=p.device)
+        return st
+
+    def _options(self, group: Dict[str, Any], *keys: str, lora: bool = True) -> Dict[str, Any]:
+        """Keyword arguments of a functional step (:mod:`lorapro.steps`): the group's hyperparameters ``keys``
+        (``betas`` as ``beta1``, ``beta2``) and, for a LoRA step, the optimizer's precision and workspace."""
+        out = {k: group[k] for k in keys}
+        if "betas" in out:
+            out["beta1"], out["beta2"] = out.pop("betas")
+        return dict(out, compute_dtype=self.compute_dtype, workspace=self._workspace) if lora else out
 
     def _step_lora_bucket(self, group: Dict[str, Any], bucket: list) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _step_plain_group(self, group: Dict[str, Any]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
-
-
-def _new_step(state: Dict[str, Any]) -> float:
-    if "step" not in state:
-        state["step"] = torch.tensor(0.0)
-    state["step"] += 1
-    return float(state["step"].item())
-
-
-def _fused_adamw_ok(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether torch's fused AdamW kernel takes these tensors: CPU (its CPU kernel exists from torch 2.4), one
-    float32 / float64 dtype for parameters, gradients and moments, contiguous tensors. On accelerators the foreach
-    path is used (the step counts here live on the host; the fused CUDA kernel wants them on the device)."""
-    t0 = tensors[0]
-    return (
-        _HAS_FUSED_CPU_ADAMW
-        and not F.on_accelerator_path(t0.device)
-        and t0.dtype in (torch.float32, torch.float64)
-        and all(t.dtype == t0.dtype and t.device == t0.device and t.is_contiguous() for t in tensors)
-    )
-
-
-_HAS_FUSED_CPU_ADAMW = hasattr(torch, "_fused_adamw_") and tuple(
-    int(x) for x in torch.__version__.split("+")[0].split(".")[:2]
-) >= (2, 4)
-
-
-def adamw_update(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[torch.Tensor],
-                 exp_avg_sqs: List[torch.Tensor], steps: List[torch.Tensor], *, lr: float, beta1: float,
-                 beta2: float, eps: float, weight_decay: float) -> None:
-    """One AdamW update of every tensor with the given gradients (``steps``: step counts, already incremented).
-    All parameters share one dtype and device, as do all moments.
-
-    ``m ← β1·m + (1 − β1)·g``, ``v ← β2·v + (1 − β2)·g²``, ``θ ← θ·(1 − lr·λ) − lr·(m/(1 − β1ᵗ))/(√(v/(1 − β2ᵗ)) + ε)``.
-    Uses torch's fused AdamW kernel where it applies (:func:`_fused_adamw_ok`; one pass over memory instead of
-    about seven), else foreach ops in the work dtype: parameters narrower than float32 (bf16, fp16) are updated
-    in float32 and rounded once.
-    """
-    if _fused_adamw_ok([*params, *grads, *exp_avgs, *exp_avg_sqs]):
-        torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=beta1, beta2=beta2,
-                            weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
-        return
-    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-    # (m / (1 − β1ᵗ)) / (√v / √(1 − β2ᵗ) + ε) = (√(1 − β2ᵗ) / (1 − β1ᵗ)) · m / (√v + ε·√(1 − β2ᵗ))
-    step_sizes, denom_eps = [], []
-    for t in steps:
-        t = float(t)
-        bc1, bc2_sqrt = 1.0 - beta1**t, (1.0 - beta2**t) ** 0.5
-        step_sizes.append(-lr * bc2_sqrt / bc1)
-        denom_eps.append(eps * bc2_sqrt)
-    wdt = _work_dtype(params[0].dtype)
-    exp_avgs = [t.to(wdt) for t in exp_avgs]  # no copy where the state already has the work dtype
-    exp_avg_sqs = [t.to(wdt) for t in exp_avg_sqs]
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_add_(denom, denom_eps)
-    targets = params if all(p.dtype == wdt for p in params) else [p.to(wdt) for p in params]
-    if weight_decay != 0.0:
-        torch._foreach_mul_(targets, 1.0 - lr * weight_decay)
-    torch._foreach_addcdiv_(targets, exp_avgs, denom, step_sizes)
-    if targets is not params:
-        torch._foreach_copy_(params, targets)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -655,10 +568,6 @@ class LoRAProAdamW(_LoRAProBase):
             step; see :mod:`lorapro.distributed`, including the checkpoint protocol (``consolidate_state_dict``).
         clip_threshold: factored mode only — Adafactor's update clipping threshold d (the step direction D is
             scaled down to RMS(D) ≤ d); ``None`` disables clipping.
-        first_moment: factored mode only — ``"lowrank"`` (default: rank-2r EMA of g̃, then preconditioning) or
-            ``"factor"`` (momentum of the projected factor steps, after preconditioning and clipping; the smallest
-            state, (m + n)·(r + 1) per layer, but measured clearly worse and less stable than full mode — see
-            :mod:`lorapro.factored`; kept to reproduce that comparison).
 
     Caveats: full mode's state is m × n per layer (about 52 GB in fp32 for Llama-2-7B with r = 8 on all
     projections); use ``mode="factored"`` (Adam on g̃ at about plain LoRA's state) or ``mode="efficient"`` where
@@ -683,7 +592,6 @@ class LoRAProAdamW(_LoRAProBase):
         state_dtype: Optional[torch.dtype] = None,
         shard_state: bool = False,
         clip_threshold: Optional[float] = 1.0,
-        first_moment: str = "lowrank",
     ) -> None:
         _check_range("learning rate", lr, 0.0)
         _check_range("epsilon value", eps, 0.0)
@@ -697,185 +605,41 @@ class LoRAProAdamW(_LoRAProBase):
             raise ValueError(f"Invalid x_solution {x_solution!r}: choose one of {F.X_SOLUTIONS}.")
         if clip_threshold is not None:
             _check_range("clip_threshold (use None to disable update clipping)", clip_threshold, 0.0, low_open=True)
-        if first_moment not in FF.FIRST_MOMENTS:
-            raise ValueError(f"Invalid first_moment {first_moment!r}: choose one of {FF.FIRST_MOMENTS}.")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, mode=mode,
-                        x_solution=x_solution, delta=delta, clip_threshold=clip_threshold, first_moment=first_moment)
+                        x_solution=x_solution, delta=delta, clip_threshold=clip_threshold)
         super().__init__(params, defaults, model=model, compute_dtype=compute_dtype, state_dtype=state_dtype,
                          shard_state=shard_state)
 
     # -- LoRA pairs ----------------------------------------------------------------------------------------------
 
     def _step_lora_bucket(self, group: Dict[str, Any], bucket: list, rows: Optional[_fsdp.RowShard] = None) -> None:
-        """One bucket of same-shape pairs. ``rows``: full mode under FSDP2 only, this rank's rows of the moments
+        """One bucket of same-shape pairs: gather factors, gradients and state, then the mode's functional step
+        (:mod:`lorapro.steps`). ``rows``: full mode under FSDP2 only, this rank's rows of the moments
         (:func:`lorapro.fsdp.step_lora_bucket`)."""
-        if group["mode"] == "factored" and group["first_moment"] == "lowrank":
-            self._factored_lowrank(group, bucket)
-            return
-        AG, BG, s = self._pack(bucket)
-        grams, gA_At, Bt_gB = self._grams(group, AG, BG)
-        if group["mode"] == "efficient":
-            hA, hB = F.adjusted_gradients_packed(grams, AG, BG, s, group["x_solution"], gA_At, Bt_gB,
-                                                 workspace=self._workspace)
-            self._efficient(group, bucket, hA, hB)
-            return
-        left, right = F.equivalent_gradient_factors_packed(grams, AG, BG, s, Bt_gB)  # g̃ = left @ right
-        if group["mode"] == "factored":
-            self._factored_factor(group, bucket, grams, left, right, s)
-        else:
-            self._full(group, bucket, grams, left, right, s, rows)
-
-    def _full(self, group: Dict[str, Any], bucket: list, grams: F.GramInverses, left: torch.Tensor,
-              right: torch.Tensor, s: torch.Tensor, rows: Optional[_fsdp.RowShard] = None) -> None:
-        """Full mode. With ``rows`` (FSDP2), the moments hold rows [lo, hi) of the m × n ones; only those rows of
-        g̃ and D are formed, and u_A = s·Bᵀ·D (a sum over rows) and the rows of u_B = s·D·Aᵀ are summed over the
-        ranks in one all-reduce."""
-        beta1, beta2 = group["betas"]
-        eps = group["eps"]
-        _, A0, B0, _ = bucket[0]
-        wdt = _work_dtype(A0.dtype)
-        A_w, B_w = grams.A, grams.B
-        m, n = B0.shape[0], A0.shape[1]
-        lo, hi = (0, m) if rows is None else (rows.lo, rows.hi)
-        blocks = not F.on_accelerator_path(A0.device) and _cpu_blocks_pay_off()
-        block = max(1, min(m, _CPU_BLOCK_ELEMS // n)) if blocks else m
-        scratch = torch.empty(block, n, dtype=wdt, device=A0.device)  # the only temporary of the m × n work
-        uA = torch.zeros_like(A_w)
-        uB = torch.empty_like(B_w) if rows is None else torch.zeros_like(B_w)
-        step_size = torch.empty(len(bucket), dtype=torch.float64)
-        for i, (_, a, _, _) in enumerate(bucket):
-            st = self.state[a]
-            if "exp_avg" not in st:
-                sdt = self._state_dtype_for(a)
-                st["exp_avg"] = torch.zeros(hi - lo, n, dtype=sdt, device=a.device)
-                st["exp_avg_sq"] = torch.zeros(hi - lo, n, dtype=sdt, device=a.device)
-            t = _new_step(st)
-            bc1, bc2_sqrt = 1.0 - beta1**t, (1.0 - beta2**t) ** 0.5
-            for r0 in range(lo, hi, block):  # one block of rows of g̃, m, v and D at a time
-                r1 = min(hi, r0 + block)
-                buf = scratch[: r1 - r0]
-                exp_avg, exp_avg_sq = st["exp_avg"][r0 - lo:r1 - lo], st["exp_avg_sq"][r0 - lo:r1 - lo]
-                torch.matmul(left[i, r0:r1], right[i], out=buf)  # g̃
-                g = buf if exp_avg.dtype == wdt else buf.to(exp_avg.dtype)
-                exp_avg.lerp_(g, 1.0 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-                # D·(1 − β1ᵗ)/√(1 − β2ᵗ) = m / (√v + ε·√(1 − β2ᵗ)), written into the block buffer
-                torch.sqrt(exp_avg_sq, out=buf) if exp_avg_sq.dtype == wdt else buf.copy_(exp_avg_sq).sqrt_()
-                buf.add_(eps * bc2_sqrt)
-                torch.div(exp_avg, buf, out=buf)
-                uA[i].addmm_(B_w[i, r0:r1].T, buf)
-                torch.matmul(buf, A_w[i].T, out=uB[i, r0:r1])
-            step_size[i] = group["lr"] * bc2_sqrt / bc1
-        if rows is not None:
-            rows.all_reduce_([uA, uB])
-        sc = s.to(wdt).view(-1, 1, 1)
-        hA, hB = F.adjusted_gradients(grams, uA.mul_(sc), uB.mul_(sc), s, group["x_solution"])
-        self._apply(bucket, grams.A, grams.B, hA, hB, step_size, group["lr"], group["weight_decay"])
-
-    def _efficient(self, group: Dict[str, Any], bucket: list, hA: torch.Tensor, hB: torch.Tensor) -> None:
-        """AdamW on the adjusted gradients (ĝ_A, ĝ_B): moments of factor size on each parameter."""
-        beta1, beta2 = group["betas"]
-        eps, lr = group["eps"], group["lr"]
-        hA, hB = hA.to(self._state_dtype_for(bucket[0][1])), hB.to(self._state_dtype_for(bucket[0][2]))
-        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-        for i, (_, a, b, _) in enumerate(bucket):
-            _new_step(self.state[a])
-            for p, h in ((a, hA[i]), (b, hB[i])):
-                st = self.state[p]
-                if "exp_avg" not in st:
-                    st["exp_avg"] = torch.zeros(h.shape, dtype=h.dtype, device=p.device)
-                    st["exp_avg_sq"] = torch.zeros(h.shape, dtype=h.dtype, device=p.device)
-                params.append(p)
-                grads.append(h.to(st["exp_avg"].dtype))  # no copy unless a loaded checkpoint changed the dtype
-                exp_avgs.append(st["exp_avg"])
-                exp_avg_sqs.append(st["exp_avg_sq"])
-                steps.append(self.state[a]["step"])  # A and B of a pair share A's step count
-        adamw_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                     weight_decay=group["weight_decay"])
-
-    def _factored_state(self, group: Dict[str, Any], bucket: list) -> Tuple[List[Dict[str, Any]], torch.Tensor, torch.Tensor]:
-        """Create (on the first step) and advance the factored-mode state of a bucket's pairs; returns the states
-        (on each pair's A) and the bias corrections 1 − β1ᵗ, 1 − β2ᵗ (float64, host).
-
-        State on each pair's A: ``exp_avg_sq_row`` (m), ``exp_avg_sq_col`` (n) and, for ``first_moment="lowrank"``,
-        ``exp_avg_left`` (m × 2r), ``exp_avg_right`` (2r × n); for ``"factor"``, ``exp_avg`` on A (r × n) and B (m × r).
-        """
-        beta1, beta2 = group["betas"]
-        _, A0, B0, _ = bucket[0]
-        m, r, n = B0.shape[0], A0.shape[0], A0.shape[1]
-        k, dev = 2 * r, A0.device  # k: rank of the first-moment EMA = rank of g̃
-        bc1 = torch.empty(len(bucket), dtype=torch.float64)
-        bc2 = torch.empty(len(bucket), dtype=torch.float64)
-        sts = []
-        for i, (_, a, b, _) in enumerate(bucket):
-            st = self.state[a]
-            if "exp_avg_sq_row" not in st:
-                sdt = self._state_dtype_for(a)
-                st["exp_avg_sq_row"] = torch.zeros(m, dtype=sdt, device=dev)
-                st["exp_avg_sq_col"] = torch.zeros(n, dtype=sdt, device=dev)
-                if group["first_moment"] == "lowrank":
-                    st["exp_avg_left"] = torch.zeros(m, k, dtype=sdt, device=dev)
-                    st["exp_avg_right"] = torch.zeros(k, n, dtype=sdt, device=dev)
-                else:
-                    st["exp_avg"] = torch.zeros(r, n, dtype=sdt, device=dev)
-                    self.state[b]["exp_avg"] = torch.zeros(m, r, dtype=self._state_dtype_for(b), device=dev)
-            t = _new_step(st)
-            bc1[i], bc2[i] = 1.0 - beta1**t, 1.0 - beta2**t
-            sts.append(st)
-        return sts, bc1, bc2
-
-    def _factored_lowrank(self, group: Dict[str, Any], bucket: list) -> None:
-        """mode="factored", first_moment="lowrank": :func:`lorapro.factored.lowrank_step`, then the update."""
-        beta1, beta2 = group["betas"]
-        sts, bc1, bc2 = self._factored_state(group, bucket)
         A, B, gA, gB = self._factors_and_grads(bucket)
-        s = torch.tensor([sc for _, _, _, sc in bucket], dtype=self._rr_dtype, device=A[0].device)
-        hA, hB, A_cur, B_cur, P, Q = FF.lowrank_step(
-            A, B, gA, gB, [st["exp_avg_left"] for st in sts], [st["exp_avg_right"] for st in sts],
-            [st["exp_avg_sq_row"] for st in sts], [st["exp_avg_sq_col"] for st in sts], s,
-            beta1=beta1, beta2=beta2, bc1=bc1, bc2=bc2, eps=group["eps"], clip_threshold=group["clip_threshold"],
-            delta=group["delta"], x_solution=group["x_solution"], compute_dtype=self.compute_dtype,
-            workspace=self._workspace,
-        )
-        torch._foreach_copy_([st[key] for key in ("exp_avg_left", "exp_avg_right") for st in sts],
-                             [*P.unbind(0), *Q.unbind(0)])
-        step_size = torch.full((len(bucket),), group["lr"], dtype=torch.float64)
-        self._apply(bucket, A_cur, B_cur, hA, hB, step_size, group["lr"], group["weight_decay"])
-
-    def _factored_factor(self, group: Dict[str, Any], bucket: list, grams: F.GramInverses, left: torch.Tensor,
-                         right: torch.Tensor, s: torch.Tensor) -> None:
-        """mode="factored", first_moment="factor" (:mod:`lorapro.factored`): D = g̃ ⊘ √V̂ from the factors of g̃,
-        clipped and projected, then momentum of the projected factor steps (``exp_avg`` on A and on B)."""
-        beta1, beta2 = group["betas"]
-        clip = group["clip_threshold"]
-        sts, bc1, bc2 = self._factored_state(group, bucket)
-        # factor-sized work in compute_dtype, or (automatic) in the work dtype
-        dev, cdt = left.device, self.compute_dtype or left.dtype
-        left, right = left.to(cdt), right.to(cdt)  # g̃ = left @ right
-        row, col = FF.square_sums(left, right)
-        for i, st in enumerate(sts):
-            st["exp_avg_sq_row"].mul_(beta2).add_(row[i].to(st["exp_avg_sq_row"].dtype), alpha=1.0 - beta2)
-            st["exp_avg_sq_col"].mul_(beta2).add_(col[i].to(st["exp_avg_sq_col"].dtype), alpha=1.0 - beta2)
-        inv_bc2 = (1.0 / bc2).to(device=dev, dtype=cdt).unsqueeze(-1)
-        a_vec, b_vec = FF.preconditioner(
-            torch.stack([st["exp_avg_sq_row"] for st in sts]).to(cdt) * inv_bc2,
-            torch.stack([st["exp_avg_sq_col"] for st in sts]).to(cdt) * inv_bc2,
-            group["eps"],
-        )
-        d_left, d_right = FF.scale_factors(left, right, a_vec, b_vec)
-        # Adafactor's update clipping: D ← D / max(1, RMS(D)/d), a per-layer factor kept on the device
-        shrink = torch.ones(len(bucket), dtype=cdt, device=dev)
-        if clip is not None:
-            shrink = (clip / FF.factored_rms(d_left, d_right)).clamp(max=1.0)
-        uA, uB = FF.project(d_left, d_right, grams.A.to(cdt), grams.B.to(cdt), s)
-        hA, hB = F.adjusted_gradients(grams, uA, uB, s, group["x_solution"])
-        hA, hB = hA * shrink.view(-1, 1, 1).to(hA.dtype), hB * shrink.view(-1, 1, 1).to(hB.dtype)
-        for i, (_, a, b, _) in enumerate(bucket):  # momentum of the clipped, projected factor steps
-            for p, h in ((a, hA[i]), (b, hB[i])):
-                buf = self.state[p]["exp_avg"]
-                buf.mul_(beta1).add_(h.to(buf.dtype), alpha=1.0 - beta1)
-                h.copy_(buf)
-        self._apply(bucket, grams.A, grams.B, hA, hB, group["lr"] / bc1, group["lr"], group["weight_decay"])
+        scalings = [sc for _, _, _, sc in bucket]
+        mode = group["mode"]
+        opts = self._options(group, "lr", "betas", "eps", "weight_decay", "delta", "x_solution")
+        m, r, n = B[0].shape[0], A[0].shape[0], A[0].shape[1]
+        if mode == "full":
+            lo, hi = (0, m) if rows is None else (rows.lo, rows.hi)
+            sts = [self._init_state(a, {"exp_avg": (hi - lo, n), "exp_avg_sq": (hi - lo, n)}) for a in A]
+            S.adamw_full_step(A, B, gA, gB, scalings, [st["exp_avg"] for st in sts],
+                              [st["exp_avg_sq"] for st in sts], [st["step"] for st in sts], rows=rows, **opts)
+        elif mode == "efficient":
+            sts = []
+            for a, b in zip(A, B):
+                sts += [self._init_state(a, {"exp_avg": a.shape, "exp_avg_sq": a.shape}),
+                        self._init_state(b, {"exp_avg": b.shape, "exp_avg_sq": b.shape}, step=False)]
+            S.adamw_efficient_step(A, B, gA, gB, scalings, [st["exp_avg"] for st in sts],
+                                   [st["exp_avg_sq"] for st in sts], [st["step"] for st in sts[::2]], **opts)
+        else:  # factored
+            k = 2 * r  # rank of the first-moment EMA = rank of g̃
+            sts = [self._init_state(a, {"exp_avg_sq_row": (m,), "exp_avg_sq_col": (n,), "exp_avg_left": (m, k),
+                                        "exp_avg_right": (k, n)}) for a in A]
+            S.adamw_factored_step(A, B, gA, gB, scalings, *([st[key] for st in sts] for key in (
+                "exp_avg_left", "exp_avg_right", "exp_avg_sq_row", "exp_avg_sq_col", "step")),
+                clip_threshold=group["clip_threshold"], **opts)
 
     # -- other trainable parameters: plain AdamW -----------------------------------------------------------------
 
@@ -886,19 +650,13 @@ class LoRAProAdamW(_LoRAProBase):
                 continue
             if p.grad.is_sparse:
                 raise TypeError("LoRAProAdamW does not support sparse gradients; use torch.optim.SparseAdam for them.")
-            st = self.state[p]
-            if "exp_avg" not in st:
-                sdt = self._state_dtype_for(p)
-                st["exp_avg"] = torch.zeros(p.shape, dtype=sdt, device=p.device)
-                st["exp_avg_sq"] = torch.zeros(p.shape, dtype=sdt, device=p.device)
-            _new_step(st)
-            lists = by_kind[(p.dtype, st["exp_avg"].dtype, p.device)]  # adamw_update takes one dtype at a time
+            st = self._init_state(p, {"exp_avg": p.shape, "exp_avg_sq": p.shape})
+            lists = by_kind[(p.dtype, st["exp_avg"].dtype, p.device)]  # adamw_step takes one dtype at a time
             for lst, t in zip(lists, (p, p.grad.to(st["exp_avg"].dtype), st["exp_avg"], st["exp_avg_sq"], st["step"])):
                 lst.append(t)
-        beta1, beta2 = group["betas"]
+        opts = self._options(group, "lr", "betas", "eps", "weight_decay", lora=False)
         for params, grads, exp_avgs, exp_avg_sqs, steps in by_kind.values():
-            adamw_update(params, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], beta1=beta1, beta2=beta2,
-                         eps=group["eps"], weight_decay=group["weight_decay"])
+            S.adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, **opts)
 
 
 class LoRAProSGD(_LoRAProBase):
@@ -941,26 +699,26 @@ class LoRAProSGD(_LoRAProBase):
                          shard_state=shard_state)
 
     def _momentum(self, group: Dict[str, Any], p: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        mu = group["momentum"]
-        if mu == 0:
-            return d
+        """d, or its momentum (:func:`lorapro.steps.sgd_momentum`) kept in ``p``'s state."""
         st = self.state[p]
-        if "momentum_buffer" not in st:
-            st["momentum_buffer"] = d.to(self._state_dtype_for(p)).clone()
-        else:
-            st["momentum_buffer"].mul_(mu).add_(d.to(st["momentum_buffer"].dtype), alpha=1.0 - group["dampening"])
-        buf = st["momentum_buffer"].to(d.dtype)
-        return d + mu * buf if group["nesterov"] else buf
+        d, buf = S.sgd_momentum(d, st.get("momentum_buffer"), momentum=group["momentum"],
+                                dampening=group["dampening"], nesterov=group["nesterov"],
+                                state_dtype=self._state_dtype_for(p))
+        if buf is not None:
+            st["momentum_buffer"] = buf
+        return d
 
     def _step_lora_bucket(self, group: Dict[str, Any], bucket: list) -> None:
-        AG, BG, s = self._pack(bucket)
-        grams, gA_At, Bt_gB = self._grams(group, AG, BG)
-        hA, hB = F.adjusted_gradients_packed(grams, AG, BG, s, group["x_solution"], gA_At, Bt_gB,
-                                                 workspace=self._workspace)
-        dA = torch.stack([self._momentum(group, a, hA[i]) for i, (_, a, _, _) in enumerate(bucket)])
-        dB = torch.stack([self._momentum(group, b, hB[i]) for i, (_, _, b, _) in enumerate(bucket)])
-        lr = torch.full((len(bucket),), group["lr"], dtype=torch.float64)
-        self._apply(bucket, grams.A, grams.B, dA, dB, lr, group["lr"], group["weight_decay"])
+        A, B, gA, gB = self._factors_and_grads(bucket)
+        params = [p for pair in zip(A, B) for p in pair]
+        bufs = S.sgd_step(A, B, gA, gB, [sc for _, _, _, sc in bucket],
+                          [self.state[p].get("momentum_buffer") for p in params],
+                          state_dtype=self._state_dtype_for(A[0]),
+                          **self._options(group, "lr", "momentum", "dampening", "nesterov", "weight_decay", "delta",
+                                          "x_solution"))
+        for p, buf in zip(params, bufs):
+            if buf is not None:
+                self.state[p]["momentum_buffer"] = buf
 
     def _step_plain_group(self, group: Dict[str, Any]) -> None:
         lr, wd = group["lr"], group["weight_decay"]

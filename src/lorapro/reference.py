@@ -206,17 +206,12 @@ def adamw_factored_step(
     A: Tensor, B: Tensor, g_A: Tensor, g_B: Tensor, s: float, state: Dict[str, Tensor], *, lr: float,
     betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
     delta: float = DELTA, x_solution: str = "sylvester", clip_threshold: float | None = 1.0,
-    first_moment: str = "lowrank",
 ) -> Tuple[Tensor, Tensor]:
     """LoRA-Pro AdamW with a factored second moment (``mode="factored"``), written densely.
 
     v ← β2 v + (1−β2) g̃²  (kept m × n here; the fast path keeps only its row and column sums),
-    V̂ = factored_second_moment(v / (1−β2ᵗ), ε). Then, with k = 2r:
-
-    - ``"lowrank"``: M ← trunc_k(β1 M + (1−β1) g̃), D = (M / (1−β1ᵗ)) / √V̂, clipped; ĥ = proj(D);
-      θ ← θ(1 − lr·wd) − lr·ĥ.
-    - ``"factor"``: D = g̃ / √V̂, clipped; ĥ = proj(D); μ ← β1 μ + (1−β1) ĥ for θ ∈ {A, B};
-      θ ← θ(1 − lr·wd) − lr·μ / (1−β1ᵗ).
+    V̂ = factored_second_moment(v / (1−β2ᵗ), ε). Then, with k = 2r: M ← trunc_k(β1 M + (1−β1) g̃),
+    D = (M / (1−β1ᵗ)) / √V̂, clipped; ĥ = proj(D); θ ← θ(1 − lr·wd) − lr·ĥ.
 
     Clipping: D ← D / max(1, RMS(D)/d) with d = ``clip_threshold`` (None: no clipping). proj(D) is LoRA-Pro's
     projection of a full-weight direction: adjusted_gradients(s Bᵀ D, s D Aᵀ).
@@ -229,22 +224,13 @@ def adamw_factored_step(
     state["step"] = t
     state["exp_avg_sq"] = beta2 * state.get("exp_avg_sq", torch.zeros_like(g_tilde)) + (1 - beta2) * g_tilde**2
     V_hat = factored_second_moment(state["exp_avg_sq"] / (1 - beta2**t), eps)
-    if first_moment == "lowrank":
-        M = beta1 * state.get("exp_avg", torch.zeros_like(g_tilde)) + (1 - beta1) * g_tilde
-        state["exp_avg"] = truncate_rank(M, k)
-        D = (state["exp_avg"] / (1 - beta1**t)) / V_hat.sqrt()
-    elif first_moment == "factor":
-        D = g_tilde / V_hat.sqrt()
-    else:
-        raise ValueError(first_moment)
+    M = beta1 * state.get("exp_avg", torch.zeros_like(g_tilde)) + (1 - beta1) * g_tilde
+    state["exp_avg"] = truncate_rank(M, k)
+    D = (state["exp_avg"] / (1 - beta1**t)) / V_hat.sqrt()
     rms = D.pow(2).mean().sqrt()
     if clip_threshold is not None:
         D = D / max(1.0, float(rms) / clip_threshold)
     hA, hB = adjusted_gradients(A, B, s * B.T @ D, s * D @ A.T, s, delta, x_solution)
-    if first_moment == "factor":
-        state["exp_avg_A"] = beta1 * state.get("exp_avg_A", torch.zeros_like(hA)) + (1 - beta1) * hA
-        state["exp_avg_B"] = beta1 * state.get("exp_avg_B", torch.zeros_like(hB)) + (1 - beta1) * hB
-        hA, hB = state["exp_avg_A"] / (1 - beta1**t), state["exp_avg_B"] / (1 - beta1**t)
     new_A = A * (1 - lr * weight_decay) - lr * hA
     new_B = B * (1 - lr * weight_decay) - lr * hB
     return new_A, new_B
